@@ -1,0 +1,271 @@
+"""Pure validation and normalisation of service and backend options, with GORB's error texts.
+
+``decode_*`` turn an untyped mapping (a JSON body, a bus message body, a state file entry) into the
+Structs of ``common.model``; ``validate_*`` check and normalise them. Both raise
+``GorbError(INVALID, text)`` and nothing else; no I/O happens here (host names are resolved by the
+caller, which passes the resulting IP literal as ``address``).
+
+Deliberate deviations from GORB (gorb-spec §8), each an upstream bug:
+- pulse ``args`` take numbers and digit strings alike for integer keys; other types are a 400;
+- ``persistent`` is applied (timeout and netmask), the scheduler name is checked for form;
+- flags may name the mh scheduler's flags and ``ops``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Mapping
+from typing import Any, TypeVar
+
+import msgspec
+
+from common import errors
+from common.errors import GorbError, invalid
+from common.model import (
+    DEFAULT_PERSISTENCE_TIMEOUT,
+    DEFAULT_PULSE_INTERVAL,
+    DEFAULT_PULSE_TYPE,
+    DEFAULT_SCHEDULER,
+    DEFAULT_WEIGHT,
+    FAMILIES,
+    FORWARD_METHODS,
+    PROTOCOLS,
+    PULSE_TYPES,
+    SERVICE_FLAGS,
+    TUNNEL_FLAGS,
+    TUNNEL_TYPES,
+    BackendOptions,
+    PulseOptions,
+    ServiceOptions,
+)
+
+T = TypeVar("T")
+
+# GORB's interval grammar (K:util/time.go): a signed integer and one unit, nothing composite.
+_INTERVAL = re.compile(r"(?i)^([+-]?[0-9]+)(s|sec|seconds|m|min|minutes|h|hours)$")
+_UNIT_SECONDS = {"s": 1, "sec": 1, "seconds": 1, "m": 60, "min": 60, "minutes": 60,
+                 "h": 3600, "hours": 3600}
+# IP_VS_SCHEDNAME_MAXLEN is 16 including the NUL.
+_SCHEDULER = re.compile(r"^[a-z][a-z0-9_]{0,14}$")
+_HTTP_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+# Object ids become map keys, Consul names and KV key segments: keep them path-safe.
+_OBJECT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}$")
+
+# Integer-valued pulse args (GORB's DynamicMap read them with an int default).
+_PULSE_INT_ARGS = ("port", "expect", "timeout")
+_PULSE_STR_ARGS = ("method", "path", "host", "scheme")
+
+
+def decode(raw: Mapping[str, Any] | None, cls: type[T]) -> T:
+    """Typed decode of a mapping into ``cls``; a type error becomes a 400 with msgspec's text."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise invalid(f"expected a JSON object, got {type(raw).__name__}")
+    try:
+        return msgspec.convert(dict(raw), cls, strict=True)
+    except msgspec.ValidationError as exc:
+        raise invalid(str(exc)) from None
+
+
+def validate_object_id(value: str) -> str:
+    if not isinstance(value, str) or not _OBJECT_ID.match(value):
+        raise invalid(f"invalid object id {value!r}: use 1-128 characters of A-Z a-z 0-9 _ . : @ -,"
+                      " starting with a letter or digit")
+    return value
+
+
+def parse_interval(text: str) -> int:
+    """GORB interval (``"5s"``, ``"1m"``, ``"2h"``) -> seconds."""
+    m = _INTERVAL.match(text.strip()) if isinstance(text, str) else None
+    if not m:
+        raise invalid(errors.MSG_INTERVAL_FORMAT)
+    value = int(m.group(1))
+    if not -(2**31) <= value < 2**31:
+        raise invalid(errors.MSG_INTERVAL_FORMAT)
+    if value <= 0:
+        raise invalid(errors.MSG_PULSE_INTERVAL)
+    return value * _UNIT_SECONDS[m.group(2).lower()]
+
+
+def ip_family(address: str) -> str:
+    """``"ipv4"`` or ``"ipv6"`` for an IP literal; GorbError otherwise."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        raise invalid(f"not an IP address: {address!r}") from None
+    return "ipv4" if ip.version == 4 else "ipv6"
+
+
+def canonical_ip(address: str) -> str:
+    """The canonical text of an IP literal (``2001:DB8::0001`` -> ``2001:db8::1``)."""
+    ip_family(address)
+    return str(ipaddress.ip_address(address))
+
+
+def flags_value(flags: str) -> int:
+    """``"sh-fallback|sh-port"`` -> bit value; GORB: case-sensitive, an empty member is unknown."""
+    if flags == "":
+        return 0
+    value = 0
+    for name in flags.split("|"):
+        if name not in SERVICE_FLAGS:
+            raise invalid(errors.MSG_UNKNOWN_FLAG)
+        value |= SERVICE_FLAGS[name]
+    return value
+
+
+def netmask_prefix(netmask: str | int | None, family: str) -> int:
+    """Persistence netmask as a prefix length: accepts a prefix (int or digits) or a dotted mask."""
+    full = 32 if family == "ipv4" else 128
+    if netmask is None or netmask == "":
+        return full
+    if isinstance(netmask, bool):
+        raise invalid("netmask must be a prefix length or a dotted IPv4 mask")
+    if isinstance(netmask, int) or (isinstance(netmask, str) and netmask.lstrip("/").isdigit()):
+        prefix = int(str(netmask).lstrip("/"))
+    elif family == "ipv4":
+        try:
+            prefix = ipaddress.IPv4Network(f"0.0.0.0/{netmask}").prefixlen
+        except ValueError:
+            raise invalid(f"invalid netmask {netmask!r}") from None
+    else:
+        raise invalid("an IPv6 netmask is a prefix length")
+    if not 1 <= prefix <= full:
+        raise invalid(f"netmask prefix must be between 1 and {full}")
+    return prefix
+
+
+def validate_service(opts: ServiceOptions, address: str = "") -> ServiceOptions:
+    """Check and normalise service options; ``address`` is the resolved VIP, if known.
+
+    Order follows GORB: endpoint, protocol, flags; then what GORB never checked.
+    """
+    if opts.fwmark:
+        if opts.port:
+            raise invalid("a fwmark service has no port")
+    elif opts.port == 0:
+        raise invalid(errors.MSG_ENDPOINT_MISSING)
+    protocol = opts.protocol.lower()
+    if protocol not in PROTOCOLS:
+        raise invalid(errors.MSG_UNKNOWN_PROTOCOL)
+    flags_value(opts.flags)
+    method = opts.method or DEFAULT_SCHEDULER
+    if not _SCHEDULER.match(method):
+        raise invalid(f"invalid scheduler name {method!r}")
+    family = opts.family.lower()
+    if family and family not in FAMILIES:
+        raise invalid(f"unknown address family {opts.family!r}: use ipv4 or ipv6")
+    for candidate in (address, opts.host):
+        if candidate and _is_ip(candidate):
+            actual = ip_family(candidate)
+            if family and family != actual:
+                raise invalid(errors.MSG_AF_MISMATCH)
+            family = actual
+            break
+    if opts.host and not _is_ip(opts.host) and not _is_hostname(opts.host):
+        raise invalid(f"invalid host {opts.host!r}")
+    timeout = opts.timeout
+    if opts.persistent:
+        timeout = timeout or DEFAULT_PERSISTENCE_TIMEOUT
+        netmask_prefix(opts.netmask, family or "ipv4")
+    elif opts.timeout or opts.netmask not in (None, ""):
+        raise invalid("timeout and netmask apply only to a persistent service")
+    return msgspec.structs.replace(opts, protocol=protocol, method=method, family=family,
+                                   timeout=timeout)
+
+
+def validate_pulse(pulse: PulseOptions | None) -> PulseOptions:
+    """Normalise GORB's pulse object: type lower-cased, interval defaulted, args typed."""
+    if pulse is None:
+        pulse = PulseOptions()
+    ptype = (pulse.type or DEFAULT_PULSE_TYPE).lower()
+    if ptype not in PULSE_TYPES:
+        raise invalid(errors.MSG_UNKNOWN_PULSE)
+    interval = pulse.interval or DEFAULT_PULSE_INTERVAL
+    parse_interval(interval)
+    args = None
+    if pulse.args is not None:
+        args = dict(pulse.args)
+        for key in _PULSE_INT_ARGS:
+            if key in args:
+                args[key] = _int_arg(key, args[key])
+        for key in _PULSE_STR_ARGS:
+            if key in args and not isinstance(args[key], str):
+                raise invalid(f"pulse argument {key!r} must be a string")
+        if "method" in args and not _HTTP_TOKEN.match(args["method"]):
+            raise invalid(f'net/http: invalid method "{args["method"]}"')
+        if "port" in args and not 0 <= args["port"] <= 65535:
+            raise invalid("pulse argument 'port' must be between 0 and 65535")
+    return PulseOptions(type=ptype, interval=interval, args=args)
+
+
+def validate_backend(opts: BackendOptions, address: str = "",
+                     service_family: str = "") -> BackendOptions:
+    """Check and normalise backend options as created by ``PUT /service/<vs>/<rs>``."""
+    if not opts.host or opts.port == 0:
+        raise invalid(errors.MSG_ENDPOINT_MISSING)
+    method = opts.method.lower() or "nat"
+    if method not in FORWARD_METHODS:
+        raise invalid(errors.MSG_UNKNOWN_FORWARD)
+    if opts.host and not _is_ip(opts.host) and not _is_hostname(opts.host):
+        raise invalid(f"invalid host {opts.host!r}")
+    ip = address or (opts.host if _is_ip(opts.host) else "")
+    if ip and service_family and ip_family(ip) != service_family:
+        raise invalid(errors.MSG_AF_MISMATCH)
+    weight = opts.weight if opts.weight > 0 else DEFAULT_WEIGHT
+    tunnel_type = opts.tunnel_type.lower()
+    if tunnel_type not in TUNNEL_TYPES:
+        raise invalid(f"unknown tunnel type {opts.tunnel_type!r}: use ipip, gue or gre")
+    if tunnel_type == "gue" and not opts.tunnel_port:
+        raise invalid("a gue tunnel needs tunnel_port")
+    tunnel_flags = opts.tunnel_flags.lower()
+    if tunnel_flags not in TUNNEL_FLAGS:
+        raise invalid(f"unknown tunnel flags {opts.tunnel_flags!r}: use nocsum, csum or remcsum")
+    if opts.lower_threshold and opts.upper_threshold and opts.lower_threshold > opts.upper_threshold:
+        raise invalid("lower_threshold must not exceed upper_threshold")
+    return msgspec.structs.replace(opts, method=method, weight=weight, tunnel_type=tunnel_type,
+                                   tunnel_flags=tunnel_flags, pulse=validate_pulse(opts.pulse))
+
+
+def validate_weight(weight: Any) -> int:
+    """A weight set by PATCH or pulse: 0 (drained) up to the kernel's INT_MAX."""
+    if isinstance(weight, bool) or not isinstance(weight, int) or not 0 <= weight < 2**31:
+        raise invalid("weight must be an integer between 0 and 2147483647")
+    return weight
+
+
+def _int_arg(key: str, value: Any) -> int:
+    if isinstance(value, bool) or value is None:
+        raise invalid(f"pulse argument {key!r} must be a number")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and value.isdigit():
+        return int(value)
+    raise invalid(f"pulse argument {key!r} must be a number")
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
+
+
+def _is_hostname(text: str) -> bool:
+    name = text[:-1] if text.endswith(".") else text
+    return 0 < len(name) <= 253 and all(_LABEL.match(part) for part in name.split("."))
+
+
+__all__ = [
+    "GorbError", "decode", "validate_object_id", "parse_interval", "ip_family", "canonical_ip",
+    "flags_value", "netmask_prefix", "validate_service", "validate_pulse", "validate_backend",
+    "validate_weight",
+]
