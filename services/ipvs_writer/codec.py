@@ -122,6 +122,10 @@ def encode_op(op: Op, family: int, seq: int) -> bytes:
     return message(family, CMD[op.verb], NLM_F_REQUEST | NLM_F_ACK, seq, op_attrs(op))
 
 
+def service_key_attrs(s: KService) -> list[bytes]:
+    return [_nest(ATTR_SERVICE, _service_key(s))]
+
+
 def encode_dump_dests(s: KService, family: int, seq: int) -> bytes:
     return message(family, CMD["get_dest"], NLM_F_REQUEST | NLM_F_DUMP, seq,
                    [_nest(ATTR_SERVICE, _service_key(s))])

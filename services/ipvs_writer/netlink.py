@@ -129,8 +129,8 @@ class Kernel:
                 out.append(KernelError(err, op, text) if err else None)
         return out
 
-    def _dump(self, data: bytes, seq: int) -> list[memoryview]:
-        """Run one dump request; return the genl payload of every message it produced."""
+    def _dump(self, data: bytes, seq: int, single: bool = False) -> list[memoryview]:
+        """Run one dump (or, with ``single``, one get) request; return the genl payloads."""
         self._sock.sendall(data)
         found: list[memoryview] = []
         while True:
@@ -146,6 +146,8 @@ class Kernel:
                         raise KernelError(err, None, "dump")
                     return found
                 found.append(payload)
+                if single:
+                    return found
 
     def dump(self) -> dict[SKey, KService]:
         """Every service of this namespace with its dests and statistics."""
@@ -164,6 +166,30 @@ class Kernel:
                 raise
             svc.dests = {d.key: d for d in (codec.decode_dest(p, svc.af) for p in payloads)}
         return table
+
+    def service(self, svc: KService) -> KService | None:
+        """One service (by key) with its dests and statistics, or None if the kernel lacks it."""
+        seq = self._next_seq()
+        req = codec.message(self.family, codec.CMD["get_service"], codec.NLM_F_REQUEST, seq,
+                            codec.service_key_attrs(svc))
+        try:
+            found = self._dump(req, seq, single=True)
+        except KernelError as exc:
+            if exc.errno in (errno_mod.ESRCH, errno_mod.ENOENT):
+                return None
+            raise
+        if not found:
+            return None
+        live = codec.decode_service(found[0])
+        seq = self._next_seq()
+        try:
+            payloads = self._dump(codec.encode_dump_dests(live, self.family, seq), seq)
+        except KernelError as exc:
+            if exc.errno == errno_mod.ESRCH:
+                return None
+            raise
+        live.dests = {d.key: d for d in (codec.decode_dest(p, live.af) for p in payloads)}
+        return live
 
     def flush(self) -> None:
         """Delete every IPVS service of this namespace (``--flush``; GORB's ``-f``)."""

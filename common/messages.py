@@ -1,0 +1,122 @@
+"""The writer's message family: commands and reads it answers, the reply, and the events it publishes.
+
+Every request is an envelope (``common.envelope``) whose ``type`` is a key of ``REQUESTS`` and whose
+``body`` decodes into the Struct named there; the reply's body is always a ``Reply``. Bodies::
+
+    service.create  {"service": "web", "options": ServiceOptions, "address": "10.0.0.1"}
+    service.update  {"service": "web", "options": {"method": "rr"}}  # PATCH: changed fields only
+    service.delete  {"service": "web"}                               # removes its backends too
+    service.get     {"service": "web"}           -> data: ServiceView
+    service.list    {}                           -> data: {"services": ["web", ...]}
+    backend.create  {"service": "web", "backend": "a", "options": BackendOptions,
+                     "address": "10.1.0.1"}
+    backend.update  {"service": "web", "backend": "a", "weight": 0}  # PATCH weight
+    backend.delete  {"service": "web", "backend": "a"}
+    backend.get     {"service": "web", "backend": "a"}   -> data: BackendView
+    state.dump      {}                           -> data: {"services": {id: ServiceView}}
+
+    Reply           {"ok": true, "errno": "ok", "reason": "", "data": {...} | null}
+
+``address`` is the resolved IP of ``options.host`` (the sender resolves names and the ``-i``
+default); when it is empty, ``options.host`` must itself be an IP literal.
+
+Events on the PUB socket, topic = ``<family>.<ids>.<verb>`` so subscribers filter by prefix::
+
+    service.web.created | service.web.updated | service.web.deleted     body: ServiceView or {}
+    backend.web.a.created | backend.web.a.updated | backend.web.a.deleted body: BackendView or {}
+    writer.reconciled   {"repaired": n, "errors": [...]}                 after drift was repaired
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from common import errors
+from common.model import BackendOptions, ServiceOptions
+
+
+class ServiceCreate(msgspec.Struct, forbid_unknown_fields=True):
+    service: str
+    options: ServiceOptions
+    address: str = ""
+
+
+class ServiceUpdate(msgspec.Struct, forbid_unknown_fields=True):
+    service: str
+    options: dict[str, Any]  # only the fields to change
+
+
+class ServiceRef(msgspec.Struct, forbid_unknown_fields=True):
+    service: str
+
+
+class Empty(msgspec.Struct, forbid_unknown_fields=True):
+    pass
+
+
+class BackendCreate(msgspec.Struct, forbid_unknown_fields=True):
+    service: str
+    backend: str
+    options: BackendOptions
+    address: str = ""
+
+
+class BackendUpdate(msgspec.Struct, forbid_unknown_fields=True):
+    service: str
+    backend: str
+    weight: int
+
+
+class BackendRef(msgspec.Struct, forbid_unknown_fields=True):
+    service: str
+    backend: str
+
+
+REQUESTS: dict[str, type] = {
+    "service.create": ServiceCreate,
+    "service.update": ServiceUpdate,
+    "service.delete": ServiceRef,
+    "service.get": ServiceRef,
+    "service.list": Empty,
+    "backend.create": BackendCreate,
+    "backend.update": BackendUpdate,
+    "backend.delete": BackendRef,
+    "backend.get": BackendRef,
+    "state.dump": Empty,
+}
+# Requests that change the desired state (and so are batched, persisted and applied).
+MUTATIONS = frozenset({"service.create", "service.update", "service.delete",
+                       "backend.create", "backend.update", "backend.delete"})
+
+
+class Reply(msgspec.Struct):
+    ok: bool
+    errno: str = errors.OK
+    reason: str = ""
+    data: Any = None
+
+
+def ok(data: Any = None) -> dict:
+    return msgspec.to_builtins(Reply(True, data=data))
+
+
+def fail(err: errors.GorbError) -> dict:
+    return msgspec.to_builtins(Reply(False, err.errno, err.reason))
+
+
+def decode_request(type_: str, body: dict) -> Any:
+    """The typed body of a request; GorbError(INVALID) on an unknown type or a bad body."""
+    cls = REQUESTS.get(type_)
+    if cls is None:
+        raise errors.invalid(f"unknown request type {type_!r}")
+    try:
+        return msgspec.convert(body, cls, strict=True)
+    except msgspec.ValidationError as exc:
+        raise errors.invalid(str(exc)) from None
+
+
+def to_wire(obj: Any) -> Any:
+    """A Struct (or anything msgspec knows) as plain msgpack-able values."""
+    return msgspec.to_builtins(obj)

@@ -1,0 +1,76 @@
+"""The writer's event loop: a ``zmq.Poller`` over the request socket with a reconcile deadline.
+
+Requests queued on the ROUTER socket are drained together (up to ``max_batch``) so that mutations
+arriving back to back are group-committed: one state-file write and one netlink batch for all of
+them. Reads are answered in arrival order, after the mutations that came before them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import zmq
+
+from common import messages, runtime
+from common.envelope import Envelope
+from common.transport import Publisher, RouterServer
+from services.ipvs_writer.engine import Engine
+
+log = logging.getLogger(__name__)
+SRC = "ipvs-writer"
+
+
+class WriterLoop:
+    def __init__(self, engine: Engine, ctx: zmq.Context, runtime_dir: str,
+                 reconcile_interval: float, max_batch: int = 1000):
+        self.engine = engine
+        self.router = RouterServer(ctx, runtime.endpoint(runtime_dir, runtime.WRITER))
+        self.publisher = Publisher(ctx, runtime.endpoint(runtime_dir, runtime.EVENTS), SRC)
+        self.reconcile_interval = reconcile_interval
+        self.max_batch = max_batch
+        self.running = True
+
+    def close(self) -> None:
+        self.router.close()
+        self.publisher.close()
+
+    def run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.router.socket, zmq.POLLIN)
+        next_reconcile = time.monotonic() + self.reconcile_interval
+        while self.running:
+            # Short waits so a SIGTERM (which only sets a flag) is acted on promptly.
+            wait = min(0.5, max(0.0, next_reconcile - time.monotonic()))
+            if poller.poll(timeout=wait * 1000):
+                self.serve(self.router.recv_many(self.max_batch))
+            if time.monotonic() >= next_reconcile:
+                self.reconcile()
+                next_reconcile = time.monotonic() + self.reconcile_interval
+
+    def reconcile(self) -> None:
+        repaired, failures = self.engine.converge()
+        if repaired:
+            log.warning("reconcile: repaired drift with %d op(s), %d failed", repaired, len(failures))
+            self.publisher.publish("writer.reconciled", "writer.reconciled",
+                                   {"repaired": repaired, "errors": failures})
+
+    def serve(self, batch: list[tuple[bytes, Envelope]]) -> None:
+        run: list[tuple[bytes, Envelope]] = []
+        for identity, env in batch:
+            if env.type in messages.MUTATIONS:
+                run.append((identity, env))
+                continue
+            self._mutate(run)
+            run = []
+            self.router.reply(identity, env, self.engine.read(env.type, env.body), SRC)
+        self._mutate(run)
+
+    def _mutate(self, run: list[tuple[bytes, Envelope]]) -> None:
+        if not run:
+            return
+        answers = self.engine.handle_batch([(env.type, env.body) for _, env in run])
+        for (identity, env), (reply, events) in zip(run, answers):
+            self.router.reply(identity, env, reply, SRC)
+            for topic, type_, body in events:
+                self.publisher.publish(topic, type_, body)

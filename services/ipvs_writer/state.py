@@ -1,0 +1,115 @@
+"""The writer's desired state and its state file.
+
+The desired state is a map ``service id -> ServiceRecord``; records are immutable (a change makes a
+new record), so a snapshot for rollback is a shallow copy of the map.
+
+State file (JSON, so an operator can read it; path configurable, default
+``/var/lib/gorb/state.json``)::
+
+    {"version": 1,
+     "services": {"web": {"options": ServiceOptions, "address": "10.0.0.1",
+                          "backends": {"a": {"options": BackendOptions, "address": "10.1.0.1"}}}}}
+
+Writes are atomic: the new content goes to ``<file>.tmp``, is fsynced and renamed over the file.
+Before that, the current file (last known good, since it was written by us and parsed at start)
+is hard-linked to ``<file>.prev``, so at every instant ``<file>`` exists and ``<file>.prev`` holds
+the state before the last write.
+
+Loading: a missing file is a clean start (empty state). A file that does not parse raises
+``StateFileError`` naming the file and the error, and saying whether a previous good copy exists;
+the writer then refuses to start unless told ``--restore-previous``, which sets the corrupt file
+aside as ``<file>.corrupt-<unix time>`` and loads ``<file>.prev``. It never starts empty silently.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import msgspec
+
+from common.model import BackendOptions, ServiceOptions
+
+STATE_VERSION = 1
+
+
+class BackendRecord(msgspec.Struct, frozen=True):
+    options: BackendOptions
+    address: str  # canonical IP literal of options.host
+
+
+class ServiceRecord(msgspec.Struct, frozen=True):
+    options: ServiceOptions
+    address: str  # canonical VIP; "" for a fwmark service without host
+    backends: dict[str, BackendRecord] = {}
+
+
+class StateDocument(msgspec.Struct):
+    version: int
+    services: dict[str, ServiceRecord]
+
+
+Services = dict[str, ServiceRecord]
+
+
+class StateFileError(Exception):
+    """The state file exists but cannot be used."""
+
+    def __init__(self, path: Path, reason: str):
+        self.path = path
+        self.previous = previous_path(path) if previous_path(path).exists() else None
+        hint = (f"; a previous good copy is at {self.previous}: start with --restore-previous to "
+                "use it" if self.previous else "; no previous copy exists: fix or move the file")
+        super().__init__(f"state file {path} is unusable: {reason}{hint}")
+
+
+def previous_path(path: Path) -> Path:
+    return path.with_name(path.name + ".prev")
+
+
+def _decode(path: Path) -> Services:
+    try:
+        doc = msgspec.json.decode(path.read_bytes(), type=StateDocument)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise StateFileError(path, str(exc)) from None
+    if doc.version != STATE_VERSION:
+        raise StateFileError(path, f"unknown version {doc.version} (this gorb reads {STATE_VERSION})")
+    return doc.services
+
+
+def load(path: Path, restore_previous: bool = False) -> Services:
+    """The desired state stored at ``path`` ({} if there is none)."""
+    if not path.exists():
+        return {}
+    try:
+        return _decode(path)
+    except StateFileError as err:
+        if not restore_previous or err.previous is None:
+            raise
+        services = _decode(err.previous)
+        os.replace(path, path.with_name(f"{path.name}.corrupt-{int(time.time())}"))
+        save(path, services)
+        return services
+
+
+def save(path: Path, services: Services) -> None:
+    """Atomically replace the state file, keeping the former one as ``<file>.prev``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = msgspec.json.encode(StateDocument(STATE_VERSION, services))
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    if path.exists():
+        prev_tmp = path.with_name(path.name + ".prev.tmp")
+        prev_tmp.unlink(missing_ok=True)
+        os.link(path, prev_tmp)
+        os.replace(prev_tmp, previous_path(path))
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
