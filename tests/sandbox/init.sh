@@ -23,7 +23,7 @@ for m in ip_vs ip_vs_rr ip_vs_wrr ip_vs_lc ip_vs_wlc ip_vs_lblc ip_vs_lblcr ip_v
          ip_vs_sed ip_vs_nq ip_vs_fo ip_vs_ovf ip_vs_mh nf_conntrack; do
   modprobe -d /run/modroot "$m" || echo "sandbox: modprobe $m failed" >&2
 done
-export HOME=/tmp TMPDIR=/tmp
+export HOME=/tmp TMPDIR=/tmp GORB_SANDBOX=1
 cd "$GORB_SBX_REPO"
 sh "$GORB_SBX_DIR/cmd.sh" >"$GORB_SBX_DIR/output" 2>&1
 echo $? >"$GORB_SBX_DIR/rc"

@@ -1,0 +1,200 @@
+"""Fixtures for tests that need a real IPVS kernel: they run inside the user-mode-linux guest.
+
+``tests/run`` boots the guest (``tests/sandbox/uml.py``) and runs ``pytest tests/sandbox`` in it;
+``init.sh`` sets ``GORB_SANDBOX=1``. Run on a plain host (no IPVS), these tests are skipped with
+a message saying how to run them; CI always runs them through ``tests/run``.
+
+Isolation: IPVS tables are per network namespace, so each test gets fresh namespaces and its own
+writer process (``ip netns exec``); nothing a test does is seen by another.
+
+Addresses: 10.77.0.0/16, only inside namespaces made here (the guest has no network device).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import zmq
+
+from common import runtime
+from common.transport import RequestClient, TransportTimeout
+
+IN_SANDBOX = os.environ.get("GORB_SANDBOX") == "1"
+REPO = Path(__file__).resolve().parents[2]
+_ns_counter = itertools.count(1)
+
+
+def pytest_collection_modifyitems(config, items):
+    if IN_SANDBOX:
+        return
+    skip = pytest.mark.skip(reason="needs real IPVS: run through tests/run (user-mode-linux)")
+    for item in items:
+        if "tests/sandbox" in str(item.fspath):
+            item.add_marker(skip)
+
+
+def sh(cmd: str, check: bool = True, ns: str | None = None) -> str:
+    """Run a shell command (in namespace ``ns``); return its stdout."""
+    if ns:
+        cmd = f"ip netns exec {ns} sh -c {shlex_quote(cmd)}"
+    proc = subprocess.run(cmd, shell=True, capture_output=True, text=True)
+    if check and proc.returncode:
+        raise AssertionError(f"{cmd!r} failed ({proc.returncode}): {proc.stderr.strip()}")
+    return proc.stdout
+
+
+def shlex_quote(s: str) -> str:
+    import shlex
+
+    return shlex.quote(s)
+
+
+# --- ipvsadm -Ln parsed -------------------------------------------------------------------------
+
+_SVC = re.compile(r"^(TCP|UDP|SCTP|FWM)\s+(\S+)\s+(\S+)(.*)$")
+_DST = re.compile(r"^\s+->\s+(\S+)\s+(\S+)\s+(\d+)\s+\d+\s+\d+")
+
+
+def ipvsadm(ns: str) -> dict[str, dict]:
+    """``ipvsadm -Ln`` of namespace ``ns`` as {"TCP 10.77.0.100:80": {"sched", "flags", "dests"}}.
+
+    ``flags`` is the rest of the service line (e.g. ``(sh-fallback,sh-port) persistent 300 mask
+    255.255.255.0``); ``dests`` maps "addr:port" to (forward, weight).
+    """
+    table: dict[str, dict] = {}
+    current = None
+    for line in sh("ipvsadm -Ln", ns=ns).splitlines()[3:]:
+        m = _SVC.match(line)
+        if m:
+            proto, addr, sched, rest = m.groups()
+            current = table[f"{proto} {addr}"] = {"sched": sched, "flags": rest.strip(), "dests": {}}
+            continue
+        m = _DST.match(line)
+        if m and current is not None:
+            current["dests"][m.group(1)] = (m.group(2), int(m.group(3)))
+    return table
+
+
+# --- namespaces and the writer ------------------------------------------------------------------
+
+@pytest.fixture
+def netns():
+    """A factory of fresh network namespaces with lo up; all deleted at teardown."""
+    made: list[str] = []
+
+    def make(prefix: str = "g") -> str:
+        name = f"{prefix}{os.getpid() % 1000}x{next(_ns_counter)}"
+        sh(f"ip netns add {name}")
+        sh("ip link set lo up", ns=name)
+        made.append(name)
+        return name
+
+    yield make
+    for name in made:
+        sh(f"ip netns pids {name} | xargs -r kill -9", check=False)
+        sh(f"ip netns del {name}", check=False)
+
+
+@dataclass
+class Writer:
+    """An ipvs-writer process in namespace ``ns``, with a bus client."""
+
+    ns: str
+    workdir: Path
+    reconcile: float = 1.0
+    extra_args: list[str] = field(default_factory=list)
+    proc: subprocess.Popen | None = None
+    client: RequestClient | None = None
+
+    @property
+    def state_file(self) -> Path:
+        return self.workdir / "state" / "state.json"
+
+    @property
+    def runtime_dir(self) -> str:
+        return str(self.workdir / "run")
+
+    @property
+    def log(self) -> Path:
+        return self.workdir / "writer.log"
+
+    def start(self, *args: str, wait: bool = True) -> None:
+        cmd = ["ip", "netns", "exec", self.ns, sys.executable, "-m", "services.ipvs_writer",
+               "--runtime-dir", self.runtime_dir, "--state-file", str(self.state_file),
+               "--reconcile-interval", str(self.reconcile), *self.extra_args, *args]
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        if self.client is None:
+            self.client = RequestClient(zmq.Context.instance(),
+                                        runtime.endpoint(self.runtime_dir, runtime.WRITER),
+                                        "tests", timeout=2.0)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(f"writer exited with {self.proc.returncode}:\n"
+                                     + self.log.read_text())
+            try:
+                self.client.request("service.list", {}, timeout=1.0)
+                return
+            except TransportTimeout:
+                time.sleep(0.1)
+        raise AssertionError("writer did not answer:\n" + self.log.read_text())
+
+    def request(self, type_: str, body: dict, timeout: float = 10.0) -> dict:
+        assert self.client is not None
+        return self.client.request(type_, body, timeout=timeout)
+
+    def must(self, type_: str, body: dict) -> dict:
+        reply = self.request(type_, body)
+        assert reply["ok"], reply
+        return reply
+
+    def kill(self, sig: int = signal.SIGKILL) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+        return self.proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.kill(signal.SIGTERM)
+        if self.client is not None:
+            self.client.close()
+            self.client = None
+
+
+@pytest.fixture
+def writer_factory(netns):
+    """Writers in fresh namespaces: ``writer_factory(ns=None, start=True)``."""
+    made: list[Writer] = []
+
+    def make(ns: str | None = None, start: bool = True, **kw) -> Writer:
+        w = Writer(ns or netns(), Path(tempfile.mkdtemp(prefix="gw", dir="/tmp")), **kw)
+        made.append(w)
+        if start:
+            w.start()
+        return w
+
+    yield make
+    for w in made:
+        w.stop()
+        shutil.rmtree(w.workdir, ignore_errors=True)
+
+
+@pytest.fixture
+def writer(writer_factory) -> Writer:
+    return writer_factory()
