@@ -124,10 +124,28 @@ class _Socket:
             return None
 
     def _send_within(self, frames: list[bytes], timeout: float | None, what: str) -> None:
-        """Send once the socket can take the frames; ``TransportTimeout`` if not within timeout."""
+        """Send once the socket can take the frames; ``TransportTimeout`` if not within timeout.
+
+        The send is tried first and polled for only when it would block: a poll per message is
+        a system call per message, which is what bounds throughput (UML makes it plain)."""
+        try:
+            self.socket.send_multipart(frames, zmq.NOBLOCK)
+            return
+        except zmq.Again:
+            pass
         if not self.socket.poll(_ms(timeout), zmq.POLLOUT):
             raise TransportTimeout(f"no peer ready to take {what} within {timeout}s")
         self.socket.send_multipart(frames, zmq.NOBLOCK)
+
+    def _recv_frames(self, deadline: float | None) -> list[bytes] | None:
+        """The next message's frames, waiting until ``deadline``; None on timeout."""
+        try:
+            return self.socket.recv_multipart(zmq.NOBLOCK)
+        except zmq.Again:
+            pass
+        if not self.socket.poll(_ms(_remaining(deadline))):
+            return None
+        return self.socket.recv_multipart(zmq.NOBLOCK)
 
 
 class RequestClient(_Socket):
@@ -175,10 +193,10 @@ class RequestClient(_Socket):
             return self._replies.pop(req_id)
         deadline = _deadline(self.timeout if timeout is None else timeout)
         while True:
-            if not self.socket.poll(_ms(_remaining(deadline))):
+            frames = self._recv_frames(deadline)
+            if frames is None:
                 self._pending.discard(req_id)
                 raise TransportTimeout(f"no reply to {req_id} from {self.endpoint}")
-            frames = self.socket.recv_multipart(zmq.NOBLOCK)
             try:
                 if len(frames) != 1:
                     raise EnvelopeError(f"expected 1 frame, got {len(frames)}")
@@ -214,9 +232,10 @@ class RouterServer(_Socket):
         """Up to ``max_n`` already-queued messages without blocking; bad ones count toward it."""
         out = []
         for _ in range(max_n):
-            if not self.socket.poll(0):
+            try:
+                got = self._recv_one()
+            except zmq.Again:
                 break
-            got = self._recv_one()
             if got is not None:
                 out.append(got)
         return out
@@ -326,9 +345,10 @@ class Puller(_Socket):
         """Up to ``max_n`` already-queued envelopes without blocking; bad ones count toward it."""
         out = []
         for _ in range(max_n):
-            if not self.socket.poll(0):
+            try:
+                env = self._recv_one()
+            except zmq.Again:
                 break
-            env = self._recv_one()
             if env is not None:
                 out.append(env)
         return out

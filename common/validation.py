@@ -13,6 +13,7 @@ Deliberate deviations from GORB (gorb-spec §8), each an upstream bug:
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from collections.abc import Mapping
@@ -89,19 +90,28 @@ def parse_interval(text: str) -> int:
     return value * _UNIT_SECONDS[m.group(2).lower()]
 
 
-def ip_family(address: str) -> str:
-    """``"ipv4"`` or ``"ipv6"`` for an IP literal; GorbError otherwise."""
+@functools.lru_cache(maxsize=65536)
+def _parse_ip(address: str) -> tuple[str, str] | None:
+    """(family, canonical text) of an IP literal, or None; cached: the writer asks often."""
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:
-        raise invalid(f"not an IP address: {address!r}") from None
-    return "ipv4" if ip.version == 4 else "ipv6"
+        return None
+    return ("ipv4" if ip.version == 4 else "ipv6"), str(ip)
+
+
+def ip_family(address: str) -> str:
+    """``"ipv4"`` or ``"ipv6"`` for an IP literal; GorbError otherwise."""
+    parsed = _parse_ip(address) if isinstance(address, str) else None
+    if parsed is None:
+        raise invalid(f"not an IP address: {address!r}")
+    return parsed[0]
 
 
 def canonical_ip(address: str) -> str:
     """The canonical text of an IP literal (``2001:DB8::0001`` -> ``2001:db8::1``)."""
     ip_family(address)
-    return str(ipaddress.ip_address(address))
+    return _parse_ip(address)[1]
 
 
 def flags_value(flags: str) -> int:
@@ -249,11 +259,7 @@ def _int_arg(key: str, value: Any) -> int:
 
 
 def _is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
+    return _parse_ip(text) is not None
 
 
 _LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")

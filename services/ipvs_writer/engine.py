@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import errno as errno_mod
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -25,16 +26,17 @@ import msgspec
 
 from common import errors, messages
 from common.errors import GorbError
-from common.model import BackendOptions, ServiceOptions
+from common.model import ServiceOptions
 from common.validation import (
     canonical_ip,
     decode,
+    ip_family,
     validate_backend,
     validate_object_id,
     validate_service,
     validate_weight,
 )
-from services.ipvs_writer.state import BackendRecord, ServiceRecord, Services
+from services.ipvs_writer.state import BackendRecord, ServiceRecord, Services, endpoints
 from services.ipvs_writer.table import KService, Op, SKey, kdest, kservice, plan
 
 log = logging.getLogger(__name__)
@@ -67,13 +69,50 @@ def desired_table(services: Services) -> dict[SKey, KService]:
 
 @dataclass
 class Staged:
-    services: Services
     touched: str  # the service id whose kernel entries may change
     events: list[tuple[str, str, dict]] = field(default_factory=list)  # (topic, type, body)
 
 
+class Draft:
+    """A batch's working copy of the desired state, copied on write.
+
+    The service map is copied once per draft, and a service's backend map (with its endpoint
+    index) once per draft on its first change, so a batch of n backend changes costs O(n), not
+    O(n x backends). The records of ``base`` are never mutated: a service changed in the draft
+    gets a new record whose backend map belongs to the draft until it is committed.
+    """
+
+    def __init__(self, base: Services):
+        self.services: Services = dict(base)
+        self._fresh: set[str] = set()
+
+    def put(self, vsid: str, record: ServiceRecord) -> None:
+        old = self.services.get(vsid)
+        if vsid in self._fresh and old is not None and record.backends is old.backends:
+            record.__dict__["_endpoints"] = old.__dict__["_endpoints"]  # still the draft's own
+        else:
+            self._fresh.discard(vsid)
+        self.services[vsid] = record
+
+    def remove(self, vsid: str) -> None:
+        del self.services[vsid]
+        self._fresh.discard(vsid)
+
+    def writable(self, vsid: str) -> ServiceRecord:
+        """The draft's own record for ``vsid``: its backend map may be changed in place."""
+        record = self.services[vsid]
+        if vsid not in self._fresh:
+            fresh = msgspec.structs.replace(record, backends=dict(record.backends))
+            fresh.__dict__["_endpoints"] = set(endpoints(record))
+            self.services[vsid] = record = fresh
+            self._fresh.add(vsid)
+        return record
+
+
 def _service_family(record: ServiceRecord) -> str:
-    return "ipv6" if kservice(record.options, record.address).af == 10 else "ipv4"
+    if record.options.family:
+        return record.options.family
+    return ip_family(record.address) if record.address else "ipv4"
 
 
 def _address(host: str, address: str) -> str:
@@ -124,9 +163,10 @@ def _kservice_view(live: KService | None) -> dict | None:
             "netmask": live.netmask, "stats": live.stats}
 
 
-def stage(services: Services, type_: str, req: Any) -> Staged:
-    """Apply one mutation to a copy of ``services``; raises GorbError for a refused request."""
-    new = dict(services)
+def stage(draft: Draft, type_: str, req: Any) -> Staged:
+    """Apply one mutation to ``draft``; raises GorbError (and leaves the draft as it was) for a
+    refused request."""
+    services = draft.services
     vsid = validate_object_id(req.service)
     current = services.get(vsid)
     if type_ == "service.create":
@@ -139,8 +179,8 @@ def stage(services: Services, type_: str, req: Any) -> Staged:
         other = _key_conflict(services, vsid, kservice(opts, record.address).key)
         if other is not None:
             raise GorbError(errors.EXISTS, f"{errors.MSG_EXISTS}: service {other!r} has that address")
-        new[vsid] = record
-        return Staged(new, vsid, [(f"service.{vsid}.created", "service.created",
+        draft.put(vsid, record)
+        return Staged(vsid, [(f"service.{vsid}.created", "service.created",
                                    service_view(vsid, record))])
     if current is None:
         raise GorbError(errors.NOT_FOUND)
@@ -150,18 +190,24 @@ def stage(services: Services, type_: str, req: Any) -> Staged:
         if unknown:
             raise errors.invalid(f"unknown option(s): {', '.join(sorted(unknown))}")
         merged.update(req.options)
+        if not merged["persistent"]:
+            # The stored timeout is the one validation defaulted when persistence was on; turning
+            # persistence off drops it (and the netmask) unless the request itself sets them.
+            for k in ("timeout", "netmask"):
+                if k not in req.options:
+                    merged[k] = None if k == "netmask" else 0
         opts = validate_service(decode(merged, ServiceOptions), current.address)
         changed = [k for k in KEY_FIELDS if getattr(opts, k) != getattr(current.options, k)]
         if changed:
             raise errors.invalid(f"the service key ({', '.join(KEY_FIELDS[:4])}) cannot be changed "
                                  f"in place ({', '.join(changed)} differs): delete and re-create it")
         record = msgspec.structs.replace(current, options=opts)
-        new[vsid] = record
-        return Staged(new, vsid, [(f"service.{vsid}.updated", "service.updated",
+        draft.put(vsid, record)
+        return Staged(vsid, [(f"service.{vsid}.updated", "service.updated",
                                    service_view(vsid, record))])
     if type_ == "service.delete":
-        del new[vsid]
-        return Staged(new, vsid, [(f"service.{vsid}.deleted", "service.deleted",
+        draft.remove(vsid)
+        return Staged(vsid, [(f"service.{vsid}.deleted", "service.deleted",
                                    {"service": vsid})])
     rsid = validate_object_id(req.backend)
     backend = current.backends.get(rsid)
@@ -170,10 +216,11 @@ def stage(services: Services, type_: str, req: Any) -> Staged:
         if backend is not None:
             raise GorbError(errors.EXISTS)
         address = _address(opts.host, req.address)
-        for other_id, other in current.backends.items():
-            if (other.address, other.options.port) == (address, opts.port):
-                raise GorbError(errors.EXISTS, f"{errors.MSG_EXISTS}: backend {other_id!r} has "
-                                               "that address and port")
+        if (address, opts.port) in endpoints(current):
+            other = next(i for i, o in current.backends.items()
+                         if (o.address, o.options.port) == (address, opts.port))
+            raise GorbError(errors.EXISTS, f"{errors.MSG_EXISTS}: backend {other!r} has "
+                                           "that address and port")
         b = BackendRecord(opts, address)
         topic, verb = f"backend.{vsid}.{rsid}.created", "backend.created"
     elif backend is None:
@@ -183,14 +230,15 @@ def stage(services: Services, type_: str, req: Any) -> Staged:
             backend.options, weight=validate_weight(req.weight)))
         topic, verb = f"backend.{vsid}.{rsid}.updated", "backend.updated"
     else:  # backend.delete
-        backends = dict(current.backends)
-        del backends[rsid]
-        new[vsid] = msgspec.structs.replace(current, backends=backends)
-        return Staged(new, vsid, [(f"backend.{vsid}.{rsid}.deleted", "backend.deleted",
+        record = draft.writable(vsid)
+        del record.backends[rsid]
+        record.__dict__["_endpoints"].discard((backend.address, backend.options.port))
+        return Staged(vsid, [(f"backend.{vsid}.{rsid}.deleted", "backend.deleted",
                                    {"service": vsid, "backend": rsid})])
-    record = msgspec.structs.replace(current, backends={**current.backends, rsid: b})
-    new[vsid] = record
-    return Staged(new, vsid, [(topic, verb, backend_view(vsid, rsid, b, record))])
+    record = draft.writable(vsid)
+    record.backends[rsid] = b
+    record.__dict__["_endpoints"].add((b.address, b.options.port))
+    return Staged(vsid, [(topic, verb, backend_view(vsid, rsid, b, record))])
 
 
 def ops_between(old: Services, new: Services, vsids: set[str]) -> list[Op]:
@@ -234,22 +282,24 @@ class Engine:
     def handle_batch(self, requests: list[tuple[str, dict]]) -> list[tuple[dict, list[Event]]]:
         """Answer a run of mutation requests; one (reply, events) per request, in order."""
         before = self.services
-        services = before
+        draft = Draft(before)
         staged: list[Staged | GorbError] = []
         for type_, body in requests:
             try:
-                st = stage(services, type_, messages.decode_request(type_, body))
+                staged.append(stage(draft, type_, messages.decode_request(type_, body)))
             except GorbError as err:
                 staged.append(err)
-                continue
-            services = st.services
-            staged.append(st)
+        services = draft.services
         touched = {s.touched for s in staged if isinstance(s, Staged)}
         if not touched:
             return [(messages.fail(s), []) for s in staged]
+        t0 = time.perf_counter()
         self.persist(services)
+        t1 = time.perf_counter()
         ops = ops_between(before, services, touched)
         results = self.kernel.apply(ops)
+        log.debug("batch of %d: persist %.1f ms, plan+apply %d ops %.1f ms", len(requests),
+                  (t1 - t0) * 1e3, len(ops), (time.perf_counter() - t1) * 1e3)
         if all(r is None for r in results):
             self.services = services
             return [(messages.fail(s), []) if isinstance(s, GorbError) else
@@ -262,15 +312,16 @@ class Engine:
 
     def _one(self, type_: str, body: dict) -> tuple[dict, list[Event]]:
         before = self.services
+        draft = Draft(before)
         try:
-            st = stage(before, type_, messages.decode_request(type_, body))
+            st = stage(draft, type_, messages.decode_request(type_, body))
         except GorbError as err:
             return messages.fail(err), []
-        ops = ops_between(before, st.services, {st.touched})
+        ops = ops_between(before, draft.services, {st.touched})
         results = self.kernel.apply(ops)
         failed = [r for r in results if r is not None]
         if not failed:
-            self.services = st.services
+            self.services = draft.services
             return messages.ok(), st.events
         self._restore(before, {st.touched}, ops, results)
         return messages.fail(_kernel_error(failed[0])), []
@@ -284,6 +335,10 @@ class Engine:
         actual = self.kernel.dump()
         scope = set(want) | added
         fix = plan(want, {k: v for k, v in actual.items() if k in scope}, owned=added - set(want))
+        # A dest added under a key outside the scope went into a service this batch neither owns
+        # nor created (its add_service failed with EEXIST: a foreign service): take it back out.
+        fix += [Op("del_dest", op.service, op.dest) for op, r in zip(ops, results)
+                if op.verb == "add_dest" and r is None and op.service.key not in scope]
         for r in self.kernel.apply(fix):
             if r is not None:
                 log.error("restore after a failed batch: %s", r)

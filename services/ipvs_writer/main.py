@@ -33,6 +33,7 @@ class WriterConfig:
     restore_previous: bool = False
     reconcile_interval: float = 10.0
     max_batch: int = 1000
+    log_level: str = "info"
 
 
 def parse_args(argv: list[str] | None) -> WriterConfig:
@@ -47,12 +48,14 @@ def parse_args(argv: list[str] | None) -> WriterConfig:
                    help="seconds between drift repairs (default %(default)s)")
     p.add_argument("--max-batch", type=int, default=d.max_batch,
                    help="most requests group-committed at once (default %(default)s)")
+    p.add_argument("--log-level", default=d.log_level, choices=["debug", "info", "warning"])
     return WriterConfig(**vars(p.parse_args(argv)))
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     cfg = parse_args(argv)
+    logging.basicConfig(level=cfg.log_level.upper(),
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
     path = Path(cfg.state_file)
     try:
         services = state.load(path, restore_previous=cfg.restore_previous)

@@ -39,10 +39,21 @@ class BackendRecord(msgspec.Struct, frozen=True):
     address: str  # canonical IP literal of options.host
 
 
-class ServiceRecord(msgspec.Struct, frozen=True):
+class ServiceRecord(msgspec.Struct, frozen=True, dict=True):
+    """``dict=True`` gives each record a private, never-serialised cache (see ``endpoints``)."""
+
     options: ServiceOptions
     address: str  # canonical VIP; "" for a fwmark service without host
     backends: dict[str, BackendRecord] = {}
+
+
+def endpoints(record: ServiceRecord) -> frozenset[tuple[str, int]]:
+    """The (address, port) of every backend of ``record``, computed once per record."""
+    cached = record.__dict__.get("_endpoints")
+    if cached is None:
+        cached = frozenset((b.address, b.options.port) for b in record.backends.values())
+        record.__dict__["_endpoints"] = cached
+    return cached
 
 
 class StateDocument(msgspec.Struct):
