@@ -53,6 +53,8 @@ _HTTP_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 # Object ids become map keys, Consul names and KV key segments: keep them path-safe.
 _OBJECT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}$")
 
+# ASCII digits only: str.isdigit() also accepts "²", which int() refuses.
+_DIGITS = re.compile(r"^[0-9]+$")
 # Integer-valued pulse args (GORB's DynamicMap read them with an int default).
 _PULSE_INT_ARGS = ("port", "expect", "timeout")
 _PULSE_STR_ARGS = ("method", "path", "host", "scheme")
@@ -133,7 +135,7 @@ def netmask_prefix(netmask: str | int | None, family: str) -> int:
         return full
     if isinstance(netmask, bool):
         raise invalid("netmask must be a prefix length or a dotted IPv4 mask")
-    if isinstance(netmask, int) or (isinstance(netmask, str) and netmask.lstrip("/").isdigit()):
+    if isinstance(netmask, int) or (isinstance(netmask, str) and _DIGITS.match(netmask.lstrip("/"))):
         prefix = int(str(netmask).lstrip("/"))
     elif family == "ipv4":
         try:
@@ -211,10 +213,12 @@ def validate_pulse(pulse: PulseOptions | None) -> PulseOptions:
     return PulseOptions(type=ptype, interval=interval, args=args)
 
 
-def validate_backend(opts: BackendOptions, address: str = "",
-                     service_family: str = "") -> BackendOptions:
-    """Check and normalise backend options as created by ``PUT /service/<vs>/<rs>``."""
-    if not opts.host or opts.port == 0:
+def validate_backend(opts: BackendOptions, address: str = "", service_family: str = "",
+                     fwmark_service: bool = False) -> BackendOptions:
+    """Check and normalise backend options as created by ``PUT /service/<vs>/<rs>``.
+
+    Under a fwmark service port 0 is allowed: the kernel then keeps the client's port."""
+    if not opts.host or (opts.port == 0 and not fwmark_service):
         raise invalid(errors.MSG_ENDPOINT_MISSING)
     method = opts.method.lower() or "nat"
     if method not in FORWARD_METHODS:
@@ -248,14 +252,14 @@ def validate_weight(weight: Any) -> int:
 
 def _int_arg(key: str, value: Any) -> int:
     if isinstance(value, bool) or value is None:
-        raise invalid(f"pulse argument {key!r} must be a number")
-    if isinstance(value, int):
+        raise invalid(f"pulse argument {key!r} must be a non-negative integer")
+    if isinstance(value, int) and value >= 0:
         return value
-    if isinstance(value, float) and value.is_integer():
+    if isinstance(value, float) and value.is_integer() and 0 <= value < 2**31:
         return int(value)
-    if isinstance(value, str) and value.isdigit():
+    if isinstance(value, str) and _DIGITS.match(value):
         return int(value)
-    raise invalid(f"pulse argument {key!r} must be a number")
+    raise invalid(f"pulse argument {key!r} must be a non-negative integer")
 
 
 def _is_ip(text: str) -> bool:

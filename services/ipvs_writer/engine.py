@@ -212,7 +212,8 @@ def stage(draft: Draft, type_: str, req: Any) -> Staged:
     rsid = validate_object_id(req.backend)
     backend = current.backends.get(rsid)
     if type_ == "backend.create":
-        opts = validate_backend(req.options, req.address, _service_family(current))
+        opts = validate_backend(req.options, req.address, _service_family(current),
+                                fwmark_service=bool(current.options.fwmark))
         if backend is not None:
             raise GorbError(errors.EXISTS)
         address = _address(opts.host, req.address)

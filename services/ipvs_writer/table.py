@@ -169,7 +169,7 @@ def plan(desired: dict[SKey, KService], actual: dict[SKey, KService],
                 ops.append(Op("add_dest", want, d))
             elif not d.same_as(cur):
                 ops.append(Op("set_dest", want, d))
-    for key in owned:
+    for key in sorted(owned):
         if key not in desired and key in actual:
             ops.append(Op("del_service", actual[key].without_dests()))
     return ops

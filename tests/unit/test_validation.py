@@ -311,7 +311,7 @@ def test_validate_backend_normalises(opts, kw, expected):
     (_be(tunnel_flags="checksum"), "unknown tunnel flags 'checksum': use nocsum, csum or remcsum"),
     (_be(upper_threshold=5, lower_threshold=10), "lower_threshold must not exceed upper_threshold"),
     (_be(host="bad host"), "invalid host 'bad host'"),
-    (_be(pulse=PulseOptions(args={"port": "x"})), "pulse argument 'port' must be a number"),
+    (_be(pulse=PulseOptions(args={"port": "x"})), "pulse argument 'port' must be a non-negative integer"),
 ])
 def test_validate_backend_rejects(opts, reason):
     _rejected(lambda: validate_backend(opts), reason)
@@ -370,24 +370,26 @@ def test_pulse_args_are_copied():
 
 
 @pytest.mark.parametrize("args, reason", [
-    ({"expect": True}, "pulse argument 'expect' must be a number"),
-    ({"expect": False}, "pulse argument 'expect' must be a number"),
-    ({"expect": None}, "pulse argument 'expect' must be a number"),
-    ({"expect": 200.5}, "pulse argument 'expect' must be a number"),
-    ({"expect": "2oo"}, "pulse argument 'expect' must be a number"),
-    ({"expect": ""}, "pulse argument 'expect' must be a number"),
-    ({"expect": "-1"}, "pulse argument 'expect' must be a number"),
-    ({"expect": "200.0"}, "pulse argument 'expect' must be a number"),
-    ({"expect": [200]}, "pulse argument 'expect' must be a number"),
-    ({"port": True}, "pulse argument 'port' must be a number"),
-    ({"port": "80a"}, "pulse argument 'port' must be a number"),
-    ({"port": 80.5}, "pulse argument 'port' must be a number"),
-    ({"port": float("nan")}, "pulse argument 'port' must be a number"),
-    ({"timeout": None}, "pulse argument 'timeout' must be a number"),
-    ({"timeout": "2s"}, "pulse argument 'timeout' must be a number"),
+    ({"expect": True}, "pulse argument 'expect' must be a non-negative integer"),
+    ({"expect": False}, "pulse argument 'expect' must be a non-negative integer"),
+    ({"expect": None}, "pulse argument 'expect' must be a non-negative integer"),
+    ({"expect": 200.5}, "pulse argument 'expect' must be a non-negative integer"),
+    ({"expect": "2oo"}, "pulse argument 'expect' must be a non-negative integer"),
+    ({"expect": ""}, "pulse argument 'expect' must be a non-negative integer"),
+    ({"expect": "-1"}, "pulse argument 'expect' must be a non-negative integer"),
+    ({"expect": "200.0"}, "pulse argument 'expect' must be a non-negative integer"),
+    ({"expect": [200]}, "pulse argument 'expect' must be a non-negative integer"),
+    ({"port": True}, "pulse argument 'port' must be a non-negative integer"),
+    ({"port": "80a"}, "pulse argument 'port' must be a non-negative integer"),
+    ({"port": 80.5}, "pulse argument 'port' must be a non-negative integer"),
+    ({"port": float("nan")}, "pulse argument 'port' must be a non-negative integer"),
+    ({"timeout": None}, "pulse argument 'timeout' must be a non-negative integer"),
+    ({"timeout": "2s"}, "pulse argument 'timeout' must be a non-negative integer"),
     ({"port": 65536}, "pulse argument 'port' must be between 0 and 65535"),
     ({"port": "70000"}, "pulse argument 'port' must be between 0 and 65535"),
-    ({"port": -1}, "pulse argument 'port' must be between 0 and 65535"),
+    ({"port": -1}, "pulse argument 'port' must be a non-negative integer"),
+    ({"timeout": -5}, "pulse argument 'timeout' must be a non-negative integer"),
+    ({"expect": -1.0}, "pulse argument 'expect' must be a non-negative integer"),
     ({"path": 5}, "pulse argument 'path' must be a string"),
     ({"path": None}, "pulse argument 'path' must be a string"),
     ({"path": ["/health"]}, "pulse argument 'path' must be a string"),
@@ -401,9 +403,8 @@ def test_pulse_args_rejected(args, reason):
     _rejected(lambda: validate_pulse(PulseOptions(type="http", args=args)), reason)
 
 
-# BUG (reported, not fixed here): str.isdigit() is true for non-ASCII digits such as "²" that
-# int() refuses, so a ValueError escapes validation instead of a 400. Remove the xfail once fixed.
-@pytest.mark.xfail(strict=True, raises=ValueError, reason="str.isdigit() accepts '²'")
+# str.isdigit() is true for non-ASCII digits such as "²" that int() refuses: they must be a 400,
+# never a ValueError escaping validation.
 @pytest.mark.parametrize("call", [
     lambda: validate_pulse(PulseOptions(type="http", args={"port": "²"})),
     lambda: validate_service(_svc(persistent=True, netmask="²")),
