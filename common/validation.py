@@ -162,7 +162,8 @@ def validate_service(opts: ServiceOptions, address: str = "") -> ServiceOptions:
     protocol = opts.protocol.lower()
     if protocol not in PROTOCOLS:
         raise invalid(errors.MSG_UNKNOWN_PROTOCOL)
-    flags_value(opts.flags)
+    if flags_value(opts.flags) & SERVICE_FLAGS["ops"] and protocol != "udp" and not opts.fwmark:
+        raise invalid("one-packet scheduling (ops) applies only to udp services")
     method = opts.method or DEFAULT_SCHEDULER
     if not _SCHEDULER.match(method):
         raise invalid(f"invalid scheduler name {method!r}")

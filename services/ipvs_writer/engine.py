@@ -260,12 +260,16 @@ class Engine:
         self.services = services
         self.kernel = kernel
         self.persist = persist
+        self.foreign = 0  # kernel services gorb does not own, as of the last converge
 
     # start and reconcile ------------------------------------------------------------------------
 
     def converge(self) -> tuple[int, list[str]]:
         """Dump, plan, apply: adopt what matches, repair what differs. Returns (ops, errors)."""
-        ops = plan(desired_table(self.services), self.kernel.dump())
+        desired = desired_table(self.services)
+        actual = self.kernel.dump()
+        self.foreign = len(set(actual) - set(desired))
+        ops = plan(desired, actual)
         results = self.kernel.apply(ops) if ops else []
         failures = [str(r) for r in results if r is not None]
         for f in failures:

@@ -71,6 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     ops, failures = engine.start(flush=cfg.flush)
     log.info("started with %d service(s) from %s; converged with %d op(s), %d failed",
              len(services), path, ops, len(failures))
+    if engine.foreign:
+        # After --restore-previous these may be what the lost last write had created.
+        log.warning("the kernel has %d IPVS service(s) gorb does not own: left untouched "
+                    "(remove with ipvsadm -D, or start with --flush)", engine.foreign)
     loop = WriterLoop(engine, zmq.Context.instance(), cfg.runtime_dir, cfg.reconcile_interval,
                       cfg.max_batch)
 

@@ -62,7 +62,8 @@ def shlex_quote(s: str) -> str:
 
 # --- ipvsadm -Ln parsed -------------------------------------------------------------------------
 
-_SVC = re.compile(r"^(TCP|UDP|SCTP|FWM)\s+(\S+)\s+(\S+)(.*)$")
+# "FWM  8 IPv6 lc ..." is how ipvsadm prints an IPv6 fwmark service.
+_SVC = re.compile(r"^(TCP|UDP|SCTP|FWM)\s+(\S+(?: IPv6)?)\s+(\S+)(.*)$")
 _DST = re.compile(r"^\s+->\s+(\S+)\s+(\S+)\s+(\d+)\s+\d+\s+\d+")
 
 

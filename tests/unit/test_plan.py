@@ -215,7 +215,8 @@ def _svc_opts(**kw) -> ServiceOptions:
     # flags
     (_svc_opts(method="sh", flags="sh-fallback|sh-port"), "10.0.0.1",
      KService(AF4, TCP, "10.0.0.1", 80, 0, "sh", 0x18, 0, 32)),
-    (_svc_opts(flags="ops"), "10.0.0.1", KService(AF4, TCP, "10.0.0.1", 80, 0, "wrr", 0x04)),
+    (_svc_opts(protocol="udp", flags="ops"), "10.0.0.1",
+     KService(AF4, 17, "10.0.0.1", 80, 0, "wrr", 0x04)),
     (_svc_opts(method="sh", flags="sh-port", persistent=True), "10.0.0.1",
      KService(AF4, TCP, "10.0.0.1", 80, 0, "sh", 0x11, 300, 32)),
     # the resolved address is what counts, canonicalised

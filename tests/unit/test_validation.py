@@ -478,3 +478,9 @@ def test_decode_rejects_wrong_types(raw, cls, reason):
 def test_decode_then_validate_is_idempotent(raw, cls, validate):
     once = validate(decode(raw, cls))
     assert validate(once) == once
+
+
+def test_one_packet_scheduling_is_only_for_udp():
+    assert validate_service(ServiceOptions(host="10.0.0.1", port=53, protocol="udp",
+                                           flags="ops")).flags == "ops"
+    _rejected(lambda: validate_service(ServiceOptions(host="10.0.0.1", port=80, flags="ops")))
