@@ -20,7 +20,7 @@ for d in "$GORB_SBX_DIR" "$GORB_SBX_REPO"; do
 done
 ip link set lo up
 for m in ip_vs ip_vs_rr ip_vs_wrr ip_vs_lc ip_vs_wlc ip_vs_lblc ip_vs_lblcr ip_vs_dh ip_vs_sh \
-         ip_vs_sed ip_vs_nq ip_vs_fo ip_vs_ovf ip_vs_mh nf_conntrack; do
+         ip_vs_sed ip_vs_nq ip_vs_fo ip_vs_ovf ip_vs_mh nf_conntrack veth dummy; do
   modprobe -d /run/modroot "$m" || echo "sandbox: modprobe $m failed" >&2
 done
 export HOME=/tmp TMPDIR=/tmp GORB_SANDBOX=1
