@@ -163,17 +163,21 @@ def _kservice_view(live: KService | None) -> dict | None:
             "netmask": live.netmask, "stats": live.stats}
 
 
-def stage(draft: Draft, type_: str, req: Any) -> Staged:
+def stage(draft: Draft, type_: str, req: Any, default_address: str = "") -> Staged:
     """Apply one mutation to ``draft``; raises GorbError (and leaves the draft as it was) for a
-    refused request."""
+    refused request. ``default_address`` is the VIP of a service created without ``host``
+    (GORB: the first address of the ``-i`` device)."""
     services = draft.services
     vsid = validate_object_id(req.service)
     current = services.get(vsid)
     if type_ == "service.create":
-        opts = validate_service(req.options, req.address)
+        address = req.address
+        if not req.options.host and not address and not req.options.fwmark:
+            address = default_address
+        opts = validate_service(req.options, address)  # GORB: a bad body is 400 before any 409
         if current is not None:
             raise GorbError(errors.EXISTS)
-        record = ServiceRecord(opts, _address(opts.host, req.address))
+        record = ServiceRecord(opts, _address(opts.host, address))
         if not opts.fwmark and not record.address:
             raise errors.invalid(errors.MSG_ENDPOINT_MISSING)
         other = _key_conflict(services, vsid, kservice(opts, record.address).key)
@@ -256,10 +260,12 @@ Event = tuple[str, str, dict]
 
 class Engine:
     def __init__(self, services: Services, kernel: KernelPort,
-                 persist: Callable[[Services], None]):
+                 persist: Callable[[Services], None],
+                 default_address: Callable[[], str] = lambda: ""):
         self.services = services
         self.kernel = kernel
         self.persist = persist
+        self.default_address = default_address
         self.foreign = 0  # kernel services gorb does not own, as of the last converge
 
     # start and reconcile ------------------------------------------------------------------------
@@ -291,7 +297,8 @@ class Engine:
         staged: list[Staged | GorbError] = []
         for type_, body in requests:
             try:
-                staged.append(stage(draft, type_, messages.decode_request(type_, body)))
+                staged.append(stage(draft, type_, messages.decode_request(type_, body),
+                                    self._default_for(type_, body)))
             except GorbError as err:
                 staged.append(err)
         services = draft.services
@@ -319,7 +326,8 @@ class Engine:
         before = self.services
         draft = Draft(before)
         try:
-            st = stage(draft, type_, messages.decode_request(type_, body))
+            st = stage(draft, type_, messages.decode_request(type_, body),
+                       self._default_for(type_, body))
         except GorbError as err:
             return messages.fail(err), []
         ops = ops_between(before, draft.services, {st.touched})
@@ -330,6 +338,15 @@ class Engine:
             return messages.ok(), st.events
         self._restore(before, {st.touched}, ops, results)
         return messages.fail(_kernel_error(failed[0])), []
+
+    def _default_for(self, type_: str, body: Any) -> str:
+        """The default VIP, looked up only for a service created without host or address."""
+        if type_ != "service.create" or not isinstance(body, dict):
+            return ""
+        opts = body.get("options")
+        if isinstance(opts, dict) and (opts.get("host") or opts.get("fwmark")) or body.get("address"):
+            return ""
+        return self.default_address()
 
     def _restore(self, services: Services, touched: set[str], ops: list[Op],
                  results: list[Exception | None]) -> None:

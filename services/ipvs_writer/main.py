@@ -11,55 +11,52 @@ import argparse
 import logging
 import signal
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import zmq
 
-from common import runtime
+from common import config, runtime
 from services.ipvs_writer import state
 from services.ipvs_writer.engine import Engine
 from services.ipvs_writer.loop import WriterLoop
-from services.ipvs_writer.netlink import IpvsUnavailable, Kernel
+from services.ipvs_writer.netlink import IpvsUnavailable, Kernel, device_addresses
 
 log = logging.getLogger("ipvs-writer")
 
 
-@dataclass
-class WriterConfig:
-    runtime_dir: str = "/run/gorb"
-    state_file: str = "/var/lib/gorb/state.json"
-    flush: bool = False
-    restore_previous: bool = False
-    reconcile_interval: float = 10.0
-    max_batch: int = 1000
-    log_level: str = "info"
-
-
-def parse_args(argv: list[str] | None) -> WriterConfig:
-    d = WriterConfig()
+def parse_args(argv: list[str] | None) -> tuple[config.Config, bool]:
+    """The effective configuration (file, environment, flags) and --restore-previous."""
     p = argparse.ArgumentParser(prog="gorb-ipvs-writer", description="gorb's single IPVS writer")
-    p.add_argument("--runtime-dir", default=d.runtime_dir, help="directory of the ipc sockets")
-    p.add_argument("--state-file", default=d.state_file, help="where the desired state is kept")
-    p.add_argument("-f", "--flush", action="store_true", help="flush all IPVS services at start")
+    config.add_arguments(p)
     p.add_argument("--restore-previous", action="store_true",
                    help="if the state file is corrupt, set it aside and use <state-file>.prev")
-    p.add_argument("--reconcile-interval", type=float, default=d.reconcile_interval,
-                   help="seconds between drift repairs (default %(default)s)")
-    p.add_argument("--max-batch", type=int, default=d.max_batch,
-                   help="most requests group-committed at once (default %(default)s)")
-    p.add_argument("--log-level", default=d.log_level, choices=["debug", "info", "warning"])
-    return WriterConfig(**vars(p.parse_args(argv)))
+    # Overrides of single settings, for tests and one-off runs.
+    p.add_argument("--runtime-dir", help="directory of the ipc sockets (gorb.runtime_dir)")
+    p.add_argument("--state-file", help="where the desired state is kept (writer.state_file)")
+    p.add_argument("--reconcile-interval", type=float, help="seconds between drift repairs")
+    p.add_argument("--max-batch", type=int, help="most requests group-committed at once")
+    p.add_argument("--log-level", choices=["debug", "info", "warning"])
+    args = p.parse_args(argv)
+    try:
+        cfg = config.from_args(args)
+    except config.ConfigError as exc:
+        p.exit(2, f"gorb-ipvs-writer: {exc}\n")
+    for name, section in (("runtime_dir", cfg.gorb), ("log_level", cfg.gorb),
+                          ("state_file", cfg.writer), ("reconcile_interval", cfg.writer),
+                          ("max_batch", cfg.writer)):
+        if getattr(args, name) is not None:
+            setattr(section, name, getattr(args, name))
+    return cfg, args.restore_previous
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_args(argv)
-    logging.basicConfig(level=cfg.log_level.upper(),
+    cfg, restore_previous = parse_args(argv)
+    logging.basicConfig(level=cfg.gorb.log_level.upper(),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    path = Path(cfg.state_file)
+    path = Path(cfg.writer.state_file)
     try:
-        services = state.load(path, restore_previous=cfg.restore_previous)
-        runtime.ensure_runtime_dir(cfg.runtime_dir)
+        services = state.load(path, restore_previous=restore_previous)
+        runtime.ensure_runtime_dir(cfg.gorb.runtime_dir)
         kernel = Kernel()
     except (state.StateFileError, ValueError, runtime.RuntimeDirError) as exc:
         log.error("%s", exc)
@@ -67,16 +64,21 @@ def main(argv: list[str] | None = None) -> int:
     except IpvsUnavailable as exc:
         log.error("%s", exc)
         return 3
-    engine = Engine(services, kernel, lambda s: state.save(path, s))
-    ops, failures = engine.start(flush=cfg.flush)
+
+    def default_address() -> str:
+        found = device_addresses(cfg.writer.device)
+        return found[0] if found else ""
+
+    engine = Engine(services, kernel, lambda s: state.save(path, s), default_address)
+    ops, failures = engine.start(flush=cfg.writer.flush)
     log.info("started with %d service(s) from %s; converged with %d op(s), %d failed",
              len(services), path, ops, len(failures))
     if engine.foreign:
         # After --restore-previous these may be what the lost last write had created.
         log.warning("the kernel has %d IPVS service(s) gorb does not own: left untouched "
                     "(remove with ipvsadm -D, or start with --flush)", engine.foreign)
-    loop = WriterLoop(engine, zmq.Context.instance(), cfg.runtime_dir, cfg.reconcile_interval,
-                      cfg.max_batch)
+    loop = WriterLoop(engine, zmq.Context.instance(), cfg.gorb.runtime_dir,
+                      cfg.writer.reconcile_interval, cfg.writer.max_batch)
 
     def stop(signum, _frame):
         log.info("signal %d: stopping, IPVS entries stay in place", signum)

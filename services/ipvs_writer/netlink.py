@@ -21,6 +21,7 @@ import os
 import socket
 from collections.abc import Iterable
 
+from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.generic.ipvs import IPVSSocket
 
@@ -64,6 +65,17 @@ def resolve_family() -> int:
         return sock.prid
     finally:
         sock.close()
+
+
+def device_addresses(device: str) -> list[str]:
+    """The addresses of ``device`` in the kernel's order (GORB: the first is the default VIP);
+    [] if the device does not exist or has none."""
+    with IPRoute() as ipr:
+        index = ipr.link_lookup(ifname=device)
+        if not index:
+            return []
+        return [m.get_attr("IFA_ADDRESS") for m in ipr.get_addr(index=index[0])
+                if m.get_attr("IFA_ADDRESS")]
 
 
 class Kernel:

@@ -1,0 +1,155 @@
+"""gorb's configuration: one TOML file read by every process, typed and defaulted here only.
+
+Precedence, lowest first: the defaults below, the TOML file (``--config``, default
+``/etc/gorb/gorb.toml`` if it exists), environment variables ``GORB_<SECTION>_<KEY>`` (for
+containers, e.g. ``GORB_API_LISTEN=:8080``), then command-line flags, GORB's kept as aliases:
+
+    -l/--listen  api.listen          -i/--device  writer.device
+    -f/--flush   writer.flush        -c/--consul  discovery.consul
+
+Unknown sections or keys in the file are an error (a typo must not silently do nothing).
+Objects receive their section; nothing else in gorb reads the environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+DEFAULT_PATH = "/etc/gorb/gorb.toml"
+
+
+class GorbSection(msgspec.Struct, forbid_unknown_fields=True):
+    runtime_dir: str = "/run/gorb"      # ipc sockets (0770) and supervisord's socket
+    log_level: str = "info"             # debug | info | warning
+
+
+class ApiSection(msgspec.Struct, forbid_unknown_fields=True):
+    listen: str = ":4672"               # GORB -l: host:port; ":4672" = every address
+    writer_timeout: float = 5.0         # seconds to wait for the writer's answer (then 503)
+
+
+class WriterSection(msgspec.Struct, forbid_unknown_fields=True):
+    state_file: str = "/var/lib/gorb/state.json"
+    device: str = "eth0"                # GORB -i: its first address is the default VIP
+    flush: bool = False                 # GORB -f: flush all IPVS services at start
+    reconcile_interval: float = 10.0    # seconds between drift repairs
+    max_batch: int = 1000               # most requests group-committed at once
+
+
+class PulseSection(msgspec.Struct, forbid_unknown_fields=True):
+    workers: int = 2                    # pulse-worker processes (supervisord numprocs)
+
+
+class DiscoverySection(msgspec.Struct, forbid_unknown_fields=True):
+    consul: str = ""                    # GORB -c: Consul agent URL; "" disables registration
+
+
+class Config(msgspec.Struct, forbid_unknown_fields=True):
+    gorb: GorbSection = msgspec.field(default_factory=GorbSection)
+    api: ApiSection = msgspec.field(default_factory=ApiSection)
+    writer: WriterSection = msgspec.field(default_factory=WriterSection)
+    pulse: PulseSection = msgspec.field(default_factory=PulseSection)
+    discovery: DiscoverySection = msgspec.field(default_factory=DiscoverySection)
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message says where and why."""
+
+
+# GORB's one-letter flags -> (section, key)
+GORB_FLAGS = {"listen": ("api", "listen"), "device": ("writer", "device"),
+              "flush": ("writer", "flush"), "consul": ("discovery", "consul")}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags every gorb program accepts: ``--config`` and GORB's aliases."""
+    parser.add_argument("--config", help=f"TOML configuration file (default {DEFAULT_PATH} if "
+                                         "it exists)")
+    parser.add_argument("-l", "--listen", help="API listen address (GORB -l), e.g. :4672")
+    parser.add_argument("-i", "--device", help="device whose first address is the default VIP")
+    parser.add_argument("-f", "--flush", action="store_true", default=None,
+                        help="flush all IPVS services when the writer starts (GORB -f)")
+    parser.add_argument("-c", "--consul", help="Consul agent URL (GORB -c)")
+
+
+def _coerce(text: str, kind: type) -> Any:
+    if kind is bool:
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off", ""):
+            return False
+        raise ValueError(f"not a boolean: {text!r}")
+    return kind(text)
+
+
+def load(path: str | None = None, env: Mapping[str, str] | None = None,
+         flags: Mapping[str, Any] | None = None) -> Config:
+    """The effective configuration; raises ConfigError naming the file or variable at fault."""
+    env = os.environ if env is None else env
+    raw: dict[str, dict[str, Any]] = {}
+    if path or Path(DEFAULT_PATH).exists():
+        p = Path(path or DEFAULT_PATH)
+        try:
+            raw = msgspec.toml.decode(p.read_bytes())
+        except OSError as exc:
+            raise ConfigError(f"cannot read {p}: {exc.strerror}") from None
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise ConfigError(f"{p}: {exc}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{p}: not a TOML table")
+    try:
+        cfg = msgspec.convert(raw, Config)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{path or DEFAULT_PATH}: {exc}") from None
+    for section_name in Config.__struct_fields__:
+        section = getattr(cfg, section_name)
+        for key in section.__struct_fields__:
+            var = f"GORB_{section_name}_{key}".upper()
+            if var in env:
+                kind = type(getattr(section, key))
+                try:
+                    setattr(section, key, _coerce(env[var], kind))
+                except ValueError as exc:
+                    raise ConfigError(f"environment {var}: {exc}") from None
+    for name, value in (flags or {}).items():
+        if value is None or name not in GORB_FLAGS:
+            continue
+        section_name, key = GORB_FLAGS[name]
+        setattr(getattr(cfg, section_name), key, value)
+    _check(cfg)
+    return cfg
+
+
+def _check(cfg: Config) -> None:
+    if cfg.gorb.log_level not in ("debug", "info", "warning"):
+        raise ConfigError(f"gorb.log_level must be debug, info or warning, not "
+                          f"{cfg.gorb.log_level!r}")
+    parse_listen(cfg.api.listen)
+    if cfg.pulse.workers < 1:
+        raise ConfigError("pulse.workers must be at least 1")
+    if cfg.writer.reconcile_interval <= 0:
+        raise ConfigError("writer.reconcile_interval must be positive")
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    """GORB's ``-l`` (``":4672"``, ``"127.0.0.1:4672"``, ``"[::1]:4672"``) -> (host, port)."""
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"api.listen {listen!r} is not host:port")
+    host = host.strip("[]")
+    return host or "0.0.0.0", int(port)
+
+
+def dump(cfg: Config) -> str:
+    """The configuration as TOML (what ``gorb run`` hands to every process)."""
+    return msgspec.toml.encode(cfg).decode()
+
+
+def from_args(args: argparse.Namespace) -> Config:
+    return load(args.config, flags={k: getattr(args, k, None) for k in GORB_FLAGS})
