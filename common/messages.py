@@ -13,7 +13,8 @@ Every request is an envelope (``common.envelope``) whose ``type`` is a key of ``
     backend.update  {"service": "web", "backend": "a", "weight": 0}  # PATCH weight
     backend.delete  {"service": "web", "backend": "a"}
     backend.get     {"service": "web", "backend": "a"}   -> data: BackendView
-    state.dump      {}                           -> data: {"services": {id: ServiceView}}
+    state.dump      {"stats": false}             -> data: {"services": {id: ServiceView}}
+                    # stats: true adds the kernel's live view (one dump) to every service
 
     Reply           {"ok": true, "errno": "ok", "reason": "", "data": {...} | null}
 
@@ -56,6 +57,10 @@ class Empty(msgspec.Struct, forbid_unknown_fields=True):
     pass
 
 
+class StateDump(msgspec.Struct, forbid_unknown_fields=True):
+    stats: bool = False
+
+
 class BackendCreate(msgspec.Struct, forbid_unknown_fields=True):
     service: str
     backend: str
@@ -84,7 +89,7 @@ REQUESTS: dict[str, type] = {
     "backend.update": BackendUpdate,
     "backend.delete": BackendRef,
     "backend.get": BackendRef,
-    "state.dump": Empty,
+    "state.dump": StateDump,
 }
 # Requests that change the desired state (and so are batched, persisted and applied).
 MUTATIONS = frozenset({"service.create", "service.update", "service.delete",

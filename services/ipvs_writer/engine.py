@@ -373,8 +373,10 @@ class Engine:
             if type_ == "service.list":
                 return messages.ok({"services": sorted(self.services)})
             if type_ == "state.dump":
-                return messages.ok({"services": {v: service_view(v, r)
-                                                 for v, r in self.services.items()}})
+                live = self.kernel.dump() if req.stats else {}
+                return messages.ok({"services": {
+                    v: service_view(v, r, live.get(kservice(r.options, r.address).key))
+                    for v, r in self.services.items()}})
             record = self.services.get(req.service)
             if record is None:
                 raise GorbError(errors.NOT_FOUND)
