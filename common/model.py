@@ -5,7 +5,7 @@ gorb-spec §2.3-2.4) and the bodies of writer commands on the bus. Everything GO
 name and default; what GORB never had sits beside it with a default that changes nothing:
 
     ServiceOptions  host port protocol method flags persistent      (GORB)
-                    fwmark family timeout netmask                   (gorb)
+                    fwmark family timeout netmask pulse fail_open   (gorb)
     BackendOptions  host port method weight pulse                   (GORB)
                     tunnel_type tunnel_port tunnel_flags
                     upper_threshold lower_threshold                 (gorb)
@@ -63,15 +63,35 @@ DEFAULT_PERSISTENCE_TIMEOUT = 300  # ipvsadm's default for -p without a value
 DEFAULT_PULSE_TYPE = "tcp"
 DEFAULT_PULSE_INTERVAL = "1m"
 
-PULSE_TYPES = ("none", "tcp", "http")
+PULSE_TYPES = ("none", "tcp", "http", "https", "udp", "dns", "exec")
+DEFAULT_PULSE_TIMEOUT = "5s"        # GORB K's fixed client timeout
+DEFAULT_SLOW_START = 10             # passed checks to climb back to full weight (GORB: 100)
 
 
 class PulseOptions(msgspec.Struct, omit_defaults=False):
-    """GORB's ``pulse`` object: ``{"type": "tcp", "interval": "1m", "args": {...} | null}``."""
+    """GORB's ``pulse`` object ``{"type": "tcp", "interval": "1m", "args": {...} | null}`` and
+    what GORB's TODO asked for beside it. On a service, ``pulse`` holds the defaults of its
+    backends; a backend's own ``pulse`` fields override them one by one (a field left at null
+    takes the service's value, then the default shown here).
 
-    type: str = DEFAULT_PULSE_TYPE
-    interval: str = DEFAULT_PULSE_INTERVAL
+        timeout       "5s"   a check taking longer fails
+        rise / fall   1 / 1  consecutive passes / failures before the status changes
+        backoff_max   null   while down, the delay doubles after each failure up to this
+                             (null: 4 x interval; "0s": no backoff)
+        jitter        0.1    each delay is spread by up to this share of itself
+        slow_start    10     passed checks (an integer) or a duration ("30s") over which a
+                             recovered backend climbs back to its weight
+    """
+
+    type: str | None = None
+    interval: str | None = None
     args: dict[str, Any] | None = None
+    timeout: str | None = None
+    rise: int | None = None
+    fall: int | None = None
+    backoff_max: str | None = None
+    jitter: float | None = None
+    slow_start: int | str | None = None
 
 
 class ServiceOptions(msgspec.Struct):
@@ -93,6 +113,8 @@ class ServiceOptions(msgspec.Struct):
     family: str = ""
     timeout: U32 = 0
     netmask: str | int | None = None
+    pulse: PulseOptions | None = None   # defaults for the pulse of every backend of the service
+    fail_open: float = 0.0              # never take fewer than this share of backends out (0-1)
 
 
 class BackendOptions(msgspec.Struct):

@@ -26,7 +26,9 @@ from common.errors import GorbError, invalid
 from common.model import (
     DEFAULT_PERSISTENCE_TIMEOUT,
     DEFAULT_PULSE_INTERVAL,
+    DEFAULT_PULSE_TIMEOUT,
     DEFAULT_PULSE_TYPE,
+    DEFAULT_SLOW_START,
     DEFAULT_SCHEDULER,
     DEFAULT_WEIGHT,
     FAMILIES,
@@ -45,8 +47,8 @@ T = TypeVar("T")
 
 # GORB's interval grammar (K:util/time.go): a signed integer and one unit, nothing composite.
 _INTERVAL = re.compile(r"(?i)^([+-]?[0-9]+)(s|sec|seconds|m|min|minutes|h|hours)$")
-_UNIT_SECONDS = {"s": 1, "sec": 1, "seconds": 1, "m": 60, "min": 60, "minutes": 60,
-                 "h": 3600, "hours": 3600}
+_UNIT_SECONDS = {"ms": 0.001, "s": 1, "sec": 1, "seconds": 1, "m": 60, "min": 60,
+                 "minutes": 60, "h": 3600, "hours": 3600}
 # IP_VS_SCHEDNAME_MAXLEN is 16 including the NUL.
 _SCHEDULER = re.compile(r"^[a-z][a-z0-9_]{0,14}$")
 _HTTP_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
@@ -55,9 +57,13 @@ _OBJECT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}$")
 
 # ASCII digits only: str.isdigit() also accepts "²", which int() refuses.
 _DIGITS = re.compile(r"^[0-9]+$")
-# Integer-valued pulse args (GORB's DynamicMap read them with an int default).
-_PULSE_INT_ARGS = ("port", "expect", "timeout")
-_PULSE_STR_ARGS = ("method", "path", "host", "scheme")
+# Integer-valued pulse args (GORB's DynamicMap read them with an int default); ``expect`` also
+# takes a list or a range.
+_PULSE_INT_ARGS = ("port", "timeout")
+_PULSE_STR_ARGS = ("method", "path", "host", "scheme", "body", "payload", "query", "qtype",
+                   "answer")
+_EXPECT = re.compile(r"^\s*\d{3}(\s*-\s*\d{3})?(\s*,\s*\d{3}(\s*-\s*\d{3})?)*\s*$")
+_DURATION = re.compile(r"(?i)^(\d+(?:\.\d+)?)(ms|s|sec|seconds|m|min|minutes|h|hours)$")
 
 
 def decode(raw: Mapping[str, Any] | None, cls: type[T]) -> T:
@@ -89,7 +95,7 @@ def parse_interval(text: str) -> int:
         raise invalid(errors.MSG_INTERVAL_FORMAT)
     if value <= 0:
         raise invalid(errors.MSG_PULSE_INTERVAL)
-    return value * _UNIT_SECONDS[m.group(2).lower()]
+    return int(value * _UNIT_SECONDS[m.group(2).lower()])
 
 
 @functools.lru_cache(maxsize=65536)
@@ -185,33 +191,127 @@ def validate_service(opts: ServiceOptions, address: str = "") -> ServiceOptions:
         netmask_prefix(opts.netmask, family or "ipv4")
     elif opts.timeout or opts.netmask not in (None, ""):
         raise invalid("timeout and netmask apply only to a persistent service")
+    if not 0 <= opts.fail_open <= 1:
+        raise invalid("fail_open must be a share of the backends, between 0 and 1")
     return msgspec.structs.replace(opts, protocol=protocol, method=method, family=family,
-                                   timeout=timeout)
+                                   timeout=timeout, pulse=validate_pulse(opts.pulse))
 
 
-def validate_pulse(pulse: PulseOptions | None) -> PulseOptions:
-    """Normalise GORB's pulse object: type lower-cased, interval defaulted, args typed."""
+def parse_duration(text: str, what: str, allow_zero: bool = False) -> float:
+    """A duration such as ``"500ms"``, ``"2s"``, ``"1.5m"`` or ``"1h"`` -> seconds."""
+    m = _DURATION.match(text.strip()) if isinstance(text, str) else None
+    if not m:
+        raise invalid(f"{what} must be a duration such as 500ms, 2s or 1m")
+    value = float(m.group(1)) * _UNIT_SECONDS[m.group(2).lower()]
+    if value < 0 or (value == 0 and not allow_zero) or value > 86400:
+        raise invalid(f"{what} must be {'at least 0' if allow_zero else 'positive'} "
+                      "and at most 24h")
+    return value
+
+
+def validate_pulse(pulse: PulseOptions | None) -> PulseOptions | None:
+    """Check and normalise a pulse object as given (type lower-cased, args typed); fields left
+    unset stay None so that a service's defaults can fill them (``resolve_pulse``)."""
     if pulse is None:
-        pulse = PulseOptions()
-    ptype = (pulse.type or DEFAULT_PULSE_TYPE).lower()
-    if ptype not in PULSE_TYPES:
+        return None
+    ptype = pulse.type.lower() if pulse.type else None
+    if ptype is not None and ptype not in PULSE_TYPES:
         raise invalid(errors.MSG_UNKNOWN_PULSE)
-    interval = pulse.interval or DEFAULT_PULSE_INTERVAL
-    parse_interval(interval)
-    args = None
-    if pulse.args is not None:
-        args = dict(pulse.args)
-        for key in _PULSE_INT_ARGS:
-            if key in args:
-                args[key] = _int_arg(key, args[key])
-        for key in _PULSE_STR_ARGS:
-            if key in args and not isinstance(args[key], str):
-                raise invalid(f"pulse argument {key!r} must be a string")
-        if "method" in args and not _HTTP_TOKEN.match(args["method"]):
-            raise invalid(f'net/http: invalid method "{args["method"]}"')
-        if "port" in args and not 0 <= args["port"] <= 65535:
-            raise invalid("pulse argument 'port' must be between 0 and 65535")
-    return PulseOptions(type=ptype, interval=interval, args=args)
+    interval = pulse.interval or None
+    if interval is not None:
+        parse_interval(interval)
+    if pulse.timeout is not None:
+        parse_duration(pulse.timeout, "pulse timeout")
+    if pulse.backoff_max is not None:
+        parse_duration(pulse.backoff_max, "pulse backoff_max", allow_zero=True)
+    for name in ("rise", "fall"):
+        value = getattr(pulse, name)
+        if value is not None and not 1 <= value <= 100:
+            raise invalid(f"pulse {name} must be between 1 and 100")
+    if pulse.jitter is not None and not 0 <= pulse.jitter <= 1:
+        raise invalid("pulse jitter must be between 0 and 1")
+    slow = pulse.slow_start
+    if isinstance(slow, str):
+        slow = int(slow) if _DIGITS.match(slow) else slow
+        if isinstance(slow, str):
+            parse_duration(slow, "pulse slow_start", allow_zero=True)
+    if isinstance(slow, int) and not 0 <= slow <= 10000:
+        raise invalid("pulse slow_start must be between 0 and 10000 checks, or a duration")
+    args = None if pulse.args is None else _pulse_args(dict(pulse.args))
+    return msgspec.structs.replace(pulse, type=ptype, interval=interval, args=args,
+                                   slow_start=slow)
+
+
+def resolve_pulse(backend: PulseOptions | None, service: PulseOptions | None) -> PulseOptions:
+    """The effective pulse of a backend: its own fields, else its service's, else the defaults.
+
+    ``args`` are taken whole from the first level that has them (they belong to one check type).
+    """
+    out = {}
+    for name in PulseOptions.__struct_fields__:
+        value = getattr(backend, name, None) if backend is not None else None
+        if value is None and service is not None:
+            value = getattr(service, name)
+        out[name] = value
+    defaults = {"type": DEFAULT_PULSE_TYPE, "interval": DEFAULT_PULSE_INTERVAL,
+                "timeout": DEFAULT_PULSE_TIMEOUT, "rise": 1, "fall": 1, "jitter": 0.1,
+                "slow_start": DEFAULT_SLOW_START}
+    for name, value in defaults.items():
+        if out[name] is None:
+            out[name] = value
+    return PulseOptions(**out)
+
+
+def expect_codes(expect: Any) -> frozenset[int]:
+    """HTTP statuses that pass: 200, "200", "200-299", "200,204", [200, 204]."""
+    if isinstance(expect, int) and not isinstance(expect, bool):
+        return frozenset([expect])
+    if isinstance(expect, list):
+        return frozenset(expect)
+    codes: set[int] = set()
+    for part in expect.split(","):
+        lo, _, hi = part.strip().partition("-")
+        codes.update(range(int(lo), int(hi or lo) + 1))
+    return frozenset(codes)
+
+
+def _pulse_args(args: dict[str, Any]) -> dict[str, Any]:
+    for key in _PULSE_INT_ARGS:
+        if key in args:
+            args[key] = _int_arg(key, args[key])
+    for key in _PULSE_STR_ARGS:
+        if key in args and not isinstance(args[key], str):
+            raise invalid(f"pulse argument {key!r} must be a string")
+    if "method" in args and not _HTTP_TOKEN.match(args["method"]):
+        raise invalid(f'net/http: invalid method "{args["method"]}"')
+    if "port" in args and not 0 <= args["port"] <= 65535:
+        raise invalid("pulse argument 'port' must be between 0 and 65535")
+    if "expect" in args:
+        args["expect"] = _expect_arg(args["expect"])
+    if "tls_verify" in args and not isinstance(args["tls_verify"], bool):
+        raise invalid("pulse argument 'tls_verify' must be true or false")
+    if "argv" in args:
+        argv = args["argv"]
+        if (not isinstance(argv, list) or not argv
+                or not all(isinstance(a, str) and a for a in argv)):
+            raise invalid("pulse argument 'argv' must be a non-empty list of strings")
+    if "rcode" in args and not isinstance(args["rcode"], (str, int)):
+        raise invalid("pulse argument 'rcode' must be a name (NOERROR) or a number")
+    return args
+
+
+def _expect_arg(value: Any) -> int | str | list[int]:
+    """GORB's ``expect`` is one status; gorb also takes a list, or "200-299" / "200,204"."""
+    if isinstance(value, list):
+        if not value or not all(isinstance(v, int) and not isinstance(v, bool) and 100 <= v <= 599
+                                for v in value):
+            raise invalid("pulse argument 'expect' must list HTTP statuses (100-599)")
+        return value
+    if isinstance(value, str) and _EXPECT.match(value) and not _DIGITS.match(value):
+        if all(100 <= c <= 599 for c in expect_codes(value)) and expect_codes(value):
+            return value
+        raise invalid("pulse argument 'expect' must hold HTTP statuses (100-599)")
+    return _int_arg("expect", value)
 
 
 def validate_backend(opts: BackendOptions, address: str = "", service_family: str = "",
@@ -278,5 +378,5 @@ def _is_hostname(text: str) -> bool:
 __all__ = [
     "GorbError", "decode", "validate_object_id", "parse_interval", "ip_family", "canonical_ip",
     "flags_value", "netmask_prefix", "validate_service", "validate_pulse", "validate_backend",
-    "validate_weight",
+    "validate_weight", "resolve_pulse", "parse_duration", "expect_codes",
 ]

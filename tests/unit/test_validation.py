@@ -8,10 +8,12 @@ from common.errors import HTTP_STATUS, GorbError
 from common.model import BackendOptions, PulseOptions, ServiceOptions
 from common.validation import (
     decode,
+    expect_codes,
     flags_value,
     netmask_prefix,
     parse_interval,
     validate_backend,
+    resolve_pulse,
     validate_pulse,
     validate_service,
 )
@@ -72,7 +74,7 @@ def _be(**kw) -> BackendOptions:
                               service_family="ipv6"),
      "incompatible address families"),
     # pulse
-    (lambda: validate_pulse(PulseOptions(type="udp")), "specified pulse type is unknown"),
+    (lambda: validate_pulse(PulseOptions(type="icmp")), "specified pulse type is unknown"),
     (lambda: validate_backend(_be(pulse=PulseOptions(type="icmp"))),
      "specified pulse type is unknown"),
     (lambda: validate_pulse(PulseOptions(interval="0s")), "pulse interval must be positive"),
@@ -270,7 +272,8 @@ def test_netmask_prefix_rejects(netmask, family, reason):
 
 # --- backend normalisation ----------------------------------------------------------------------
 
-_DEFAULT_PULSE = PulseOptions(type="tcp", interval="1m", args=None)
+# A backend's pulse is stored as given (unset fields stay None for its service's defaults).
+_DEFAULT_PULSE = None
 
 
 @pytest.mark.parametrize("opts, kw, expected", [
@@ -292,7 +295,7 @@ _DEFAULT_PULSE = PulseOptions(type="tcp", interval="1m", args=None)
     (_be(lower_threshold=5), {}, _be(weight=100, lower_threshold=5, pulse=_DEFAULT_PULSE)),
     # pulse normalised in place
     (_be(pulse=PulseOptions(type="HTTP", interval="")), {},
-     _be(weight=100, pulse=PulseOptions(type="http", interval="1m"))),
+     _be(weight=100, pulse=PulseOptions(type="http"))),
     # IPv6 backends and family checks that pass
     (_be(host="2001:db8::10"), {"service_family": "ipv6"},
      _be(host="2001:db8::10", weight=100, pulse=_DEFAULT_PULSE)),
@@ -319,17 +322,64 @@ def test_validate_backend_rejects(opts, reason):
 
 # --- pulse --------------------------------------------------------------------------------------
 
+def _effective(type_: str, interval: str, args) -> PulseOptions:
+    """A fully resolved pulse: GORB's three fields plus gorb's defaults."""
+    return PulseOptions(type_, interval, args, timeout="5s", rise=1, fall=1, backoff_max=None,
+                        jitter=0.1, slow_start=10)
+
+
 @pytest.mark.parametrize("pulse, expected", [
-    (None, PulseOptions("tcp", "1m", None)),
-    (PulseOptions(), PulseOptions("tcp", "1m", None)),
-    (PulseOptions(type="", interval=""), PulseOptions("tcp", "1m", None)),
-    (PulseOptions(type="HTTP", interval="5s"), PulseOptions("http", "5s", None)),
-    (PulseOptions(type="None"), PulseOptions("none", "1m", None)),
-    (PulseOptions(type="TCP", interval="2H"), PulseOptions("tcp", "2H", None)),
-    (PulseOptions(args={}), PulseOptions("tcp", "1m", {})),
+    (None, _effective("tcp", "1m", None)),
+    (PulseOptions(), _effective("tcp", "1m", None)),
+    (PulseOptions(type="", interval=""), _effective("tcp", "1m", None)),
+    (PulseOptions(type="HTTP", interval="5s"), _effective("http", "5s", None)),
+    (PulseOptions(type="None"), _effective("none", "1m", None)),
+    (PulseOptions(type="TCP", interval="2H"), _effective("tcp", "2H", None)),
+    (PulseOptions(args={}), _effective("tcp", "1m", {})),
 ])
 def test_validate_pulse_normalises(pulse, expected):
-    assert validate_pulse(pulse) == expected
+    assert resolve_pulse(validate_pulse(pulse), None) == expected
+
+
+def test_backend_pulse_fields_override_the_services_one_by_one():
+    service = validate_pulse(PulseOptions(type="http", interval="5s", rise=3,
+                                          args={"path": "/hc"}))
+    backend = validate_pulse(PulseOptions(interval="10s", fall=2))
+    got = resolve_pulse(backend, service)
+    assert (got.type, got.interval, got.rise, got.fall, got.args) == ("http", "10s", 3, 2,
+                                                                      {"path": "/hc"})
+    assert resolve_pulse(None, None).type == "tcp"
+
+
+@pytest.mark.parametrize("pulse, reason", [
+    (PulseOptions(timeout="0s"), "pulse timeout must be positive and at most 24h"),
+    (PulseOptions(timeout="soon"), "pulse timeout must be a duration such as 500ms, 2s or 1m"),
+    (PulseOptions(rise=0), "pulse rise must be between 1 and 100"),
+    (PulseOptions(fall=101), "pulse fall must be between 1 and 100"),
+    (PulseOptions(jitter=1.5), "pulse jitter must be between 0 and 1"),
+    (PulseOptions(slow_start=-1), "pulse slow_start must be between 0 and 10000 checks, or a duration"),
+    (PulseOptions(slow_start="later"), "pulse slow_start must be a duration such as 500ms, 2s or 1m"),
+    (PulseOptions(args={"expect": "200-"}), "pulse argument 'expect' must be a non-negative integer"),
+    (PulseOptions(args={"expect": [200, 99]}), "pulse argument 'expect' must list HTTP statuses (100-599)"),
+    (PulseOptions(args={"argv": []}), "pulse argument 'argv' must be a non-empty list of strings"),
+    (PulseOptions(args={"tls_verify": "yes"}), "pulse argument 'tls_verify' must be true or false"),
+])
+def test_pulse_controls_rejected(pulse, reason):
+    _rejected(lambda: validate_pulse(pulse), reason)
+
+
+@pytest.mark.parametrize("expect, codes", [
+    (200, {200}), ("200", {200}), ("200-204", {200, 201, 202, 203, 204}),
+    ("200,302", {200, 302}), ([200, 204], {200, 204}),
+])
+def test_expect_accepts_codes_lists_and_ranges(expect, codes):
+    args = validate_pulse(PulseOptions(args={"expect": expect})).args
+    assert expect_codes(args["expect"]) == codes
+
+
+def test_slow_start_takes_checks_or_a_duration():
+    assert validate_pulse(PulseOptions(slow_start="7")).slow_start == 7
+    assert validate_pulse(PulseOptions(slow_start="30s")).slow_start == "30s"
 
 
 # The upstream DynamicMap bug (gorb-spec §2.5): GORB panicked on JSON numbers and only worked with
@@ -360,7 +410,7 @@ def test_pulse_args_typed(args, expected):
 def test_pulse_args_number_and_digit_string_agree():
     as_number = validate_pulse(PulseOptions(type="http", args={"expect": 200, "port": 8080}))
     as_string = validate_pulse(PulseOptions(type="http", args={"expect": "200", "port": "8080"}))
-    assert as_number == as_string == PulseOptions("http", "1m", {"expect": 200, "port": 8080})
+    assert as_number == as_string == PulseOptions("http", None, {"expect": 200, "port": 8080})
 
 
 def test_pulse_args_are_copied():
@@ -378,7 +428,7 @@ def test_pulse_args_are_copied():
     ({"expect": ""}, "pulse argument 'expect' must be a non-negative integer"),
     ({"expect": "-1"}, "pulse argument 'expect' must be a non-negative integer"),
     ({"expect": "200.0"}, "pulse argument 'expect' must be a non-negative integer"),
-    ({"expect": [200]}, "pulse argument 'expect' must be a non-negative integer"),
+    ({"expect": []}, "pulse argument 'expect' must list HTTP statuses (100-599)"),
     ({"port": True}, "pulse argument 'port' must be a non-negative integer"),
     ({"port": "80a"}, "pulse argument 'port' must be a non-negative integer"),
     ({"port": 80.5}, "pulse argument 'port' must be a non-negative integer"),
@@ -435,7 +485,7 @@ def test_non_ascii_digits_are_a_400(call):
      BackendOptions(host="10.1.0.1", port=80, weight=-1,
                     pulse=PulseOptions("http", "5s", {"expect": 200, "path": "/"}))),
     ({"pulse": None}, BackendOptions, BackendOptions(pulse=None)),
-    ({"pulse": {}}, BackendOptions, BackendOptions(pulse=PulseOptions("tcp", "1m", None))),
+    ({"pulse": {}}, BackendOptions, BackendOptions(pulse=PulseOptions())),
 ])
 def test_decode(raw, cls, expected):
     assert decode(raw, cls) == expected
@@ -459,7 +509,7 @@ def test_decode(raw, cls, expected):
     ({"tunnel_port": 65536}, BackendOptions, "Expected `int` <= 65535 - at `$.tunnel_port`"),
     ({"pulse": "tcp"}, BackendOptions, "Expected `object | null`, got `str` - at `$.pulse`"),
     ({"pulse": {"interval": 60}}, BackendOptions,
-     "Expected `str`, got `int` - at `$.pulse.interval`"),
+     "Expected `str | null`, got `int` - at `$.pulse.interval`"),
     ({"pulse": {"args": [1]}}, BackendOptions,
      "Expected `object | null`, got `array` - at `$.pulse.args`"),
     ([("port", 80)], ServiceOptions, "expected a JSON object, got list"),
