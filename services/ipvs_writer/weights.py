@@ -1,10 +1,11 @@
 """Weight math: from a backend's configured weight and its health to the weight the kernel gets.
 
-Pure (``now`` is passed in). The rules, GORB's as the base:
+Pure (``now`` is passed in; the weight itself depends only on persisted values). The rules, GORB's as the base:
 - a configured weight of 0 is a manual drain: 0 whatever the checks say, until changed;
 - a down backend gets 0;
 - a backend that comes back up climbs to its configured weight over ``slow_start`` passed checks
-  (or seconds, when ``slow_start_seconds`` is set) in equal steps, never below 1 while climbing;
+  (or seconds, when given as a duration) in equal steps, never below 1 while climbing; the level
+  is advanced when results arrive, so a time-based climb moves at each check;
   GORB needed 100 clean checks (about 100 minutes at its default), the default here is 10;
 - a backend first seen up (never down) goes straight to its configured weight, as in GORB;
 - fail-open (PyBal's depool threshold): a service never has fewer than ``fail_open`` of its
@@ -25,13 +26,16 @@ UP, DOWN, UNKNOWN = "up", "down", "unknown"
 class Health(msgspec.Struct, frozen=True):
     """What the writer keeps of a backend's health (persisted: a restart must not flap weights).
 
-    ``ramp`` counts passed checks since the backend came back up; -1 when not climbing.
+    ``level`` is the share of the configured weight the backend gets while up (1.0 = all of it;
+    below 1 while climbing back after being down); ``passes`` counts passed checks since it came
+    back up, ``up_at`` is when it did.
     """
 
     status: str = UNKNOWN
     since: float = 0.0
-    ramp: int = -1
-    ramp_since: float = 0.0
+    level: float = 1.0
+    passes: int = 0
+    up_at: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -40,46 +44,39 @@ class SlowStart:
     seconds: float = 0.0  # > 0: climb over this many seconds instead of checks
 
 
-def transition(h: Health, status: str, now: float) -> Health:
-    """The health after pulse reported ``status`` (a change or a passed check)."""
-    if status == DOWN:
-        return Health(DOWN, now if h.status != DOWN else h.since, -1, 0.0)
-    if status == UP:
-        if h.status == DOWN:
-            return Health(UP, now, 1, now)  # back from down: start climbing
-        if h.status == UNKNOWN:
-            return Health(UP, now, -1, 0.0)  # first seen up: full weight at once
-        if h.ramp >= 0:
-            return msgspec.structs.replace(h, ramp=h.ramp + 1)
-        return h
-    return h
-
-
-def ramp_fraction(h: Health, slow: SlowStart, now: float) -> float:
-    if h.status != UP or h.ramp < 0:
-        return 1.0
+def _level(passes: int, up_at: float, slow: SlowStart, now: float) -> float:
     if slow.seconds > 0:
-        return min(1.0, max(0.0, (now - h.ramp_since) / slow.seconds))
-    return min(1.0, h.ramp / max(1, slow.checks))
+        return min(1.0, max(0.0, (now - up_at) / slow.seconds))
+    if slow.checks <= 0:
+        return 1.0
+    return min(1.0, passes / slow.checks)
 
 
-def settled(h: Health, slow: SlowStart, now: float) -> Health:
-    """``h`` with a finished climb marked as finished (so it stops being reported as ramping)."""
-    if h.ramp >= 0 and ramp_fraction(h, slow, now) >= 1.0:
-        return msgspec.structs.replace(h, ramp=-1)
-    return h
+def transition(h: Health, status: str, now: float, slow: SlowStart = SlowStart()) -> Health:
+    """The health after pulse reported ``status`` for one check (a change or one more result)."""
+    if status == DOWN:
+        return Health(DOWN, now if h.status != DOWN else h.since, 0.0, 0, 0.0)
+    if status != UP:
+        return h
+    if h.status == UNKNOWN:
+        return Health(UP, now, 1.0, 0, now)  # first seen up: full weight at once, as GORB
+    if h.status == DOWN:
+        return Health(UP, now, _level(1, now, slow, now), 1, now)  # back: start climbing
+    if h.level >= 1.0:
+        return h
+    passes = h.passes + 1
+    return msgspec.structs.replace(h, passes=passes, level=_level(passes, h.up_at, slow, now))
 
 
-def weight(configured: int, h: Health, slow: SlowStart, now: float, held: bool = False) -> int:
+def weight(configured: int, h: Health, held: bool = False) -> int:
     """The kernel weight of one backend."""
     if configured <= 0:
         return 0
     if h.status == DOWN:
         return configured if held else 0
-    frac = ramp_fraction(h, slow, now)
-    if frac >= 1.0:
+    if h.level >= 1.0:
         return configured
-    return max(1, math.ceil(configured * frac))
+    return max(1, math.ceil(configured * h.level))
 
 
 def held_in(backends: list[tuple[str, int, Health]], fail_open: float) -> set[str]:
