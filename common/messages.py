@@ -13,6 +13,7 @@ Every request is an envelope (``common.envelope``) whose ``type`` is a key of ``
     backend.update  {"service": "web", "backend": "a", "weight": 0}  # PATCH weight
     backend.delete  {"service": "web", "backend": "a"}
     backend.get     {"service": "web", "backend": "a"}   -> data: BackendView
+    pulse.targets   see common.pulse_messages (a worker's check targets)
     state.dump      {"stats": false}             -> data: {"services": {id: ServiceView}}
                     # stats: true adds the kernel's live view (one dump) to every service
 
@@ -36,6 +37,7 @@ import msgspec
 
 from common import errors
 from common.model import BackendOptions, ServiceOptions
+from common.pulse_messages import TargetsRequest
 
 
 class ServiceCreate(msgspec.Struct, forbid_unknown_fields=True):
@@ -90,6 +92,7 @@ REQUESTS: dict[str, type] = {
     "backend.delete": BackendRef,
     "backend.get": BackendRef,
     "state.dump": StateDump,
+    "pulse.targets": TargetsRequest,
 }
 # Requests that change the desired state (and so are batched, persisted and applied).
 MUTATIONS = frozenset({"service.create", "service.update", "service.delete",

@@ -37,7 +37,11 @@ from common.validation import (
     validate_weight,
 )
 from services.ipvs_writer.state import BackendRecord, ServiceRecord, Services, endpoints
+from common.pulse_messages import HealthResults, Outcome
+from common.shard import owner
 from services.ipvs_writer.table import KService, Op, SKey, kdest, kservice, plan
+from services.ipvs_writer.targets import Member, TargetGroup, effective_pulse, slow_start, targets
+from services.ipvs_writer.weights import UNKNOWN, UP, Health, held_in, transition, weight
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +58,21 @@ class KernelPort(Protocol):
 
 # --- pure core ----------------------------------------------------------------------------------
 
+def held(record: ServiceRecord) -> set[str]:
+    """Backends of the service kept in by fail-open although pulse says they are down."""
+    if record.options.fail_open <= 0:
+        return set()
+    return held_in([(rs, b.options.weight, b.health) for rs, b in record.backends.items()],
+                   record.options.fail_open)
+
+
 def ktable(record: ServiceRecord) -> KService:
-    """The kernel service (with dests) a service record asks for."""
+    """The kernel service (with dests) a service record asks for: each dest at the weight its
+    configured weight and its health give (``weights``)."""
     svc = kservice(record.options, record.address)
-    for b in record.backends.values():
-        d = kdest(b.options, b.address, b.options.weight, svc.af)
+    keep = held(record)
+    for rs, b in record.backends.items():
+        d = kdest(b.options, b.address, weight(b.options.weight, b.health, rs in keep), svc.af)
         svc.dests[d.key] = d
     return svc
 
@@ -132,18 +146,24 @@ def _key_conflict(services: Services, vsid: str, key: SKey) -> str | None:
     return None
 
 
-def service_view(vsid: str, record: ServiceRecord, live: KService | None = None) -> dict:
+def service_view(vsid: str, record: ServiceRecord, live: KService | None = None,
+                 observed: dict | None = None) -> dict:
+    observed = observed or {}
     return {
         "service": vsid,
         "options": msgspec.to_builtins(record.options),
         "address": record.address,
-        "backends": {rs: backend_view(vsid, rs, b, record, live) for rs, b in record.backends.items()},
+        "backends": {rs: backend_view(vsid, rs, b, record, live, observed.get((vsid, rs)))
+                     for rs, b in record.backends.items()},
         "kernel": _kservice_view(live),
     }
 
 
 def backend_view(vsid: str, rsid: str, b: BackendRecord, record: ServiceRecord,
-                 live: KService | None = None) -> dict:
+                 live: KService | None = None, observed: Outcome | None = None) -> dict:
+    """A backend as the writer sees it: options as given, the effective pulse, the weight it
+    should have (``weight``), pulse's verdict (``health``), the last check (``check``) and the
+    kernel's live entry (``kernel``)."""
     kd = None
     if live is not None:
         kd = live.dests.get((b.address, b.options.port))
@@ -151,7 +171,11 @@ def backend_view(vsid: str, rsid: str, b: BackendRecord, record: ServiceRecord,
         "service": vsid,
         "backend": rsid,
         "options": msgspec.to_builtins(b.options),
+        "pulse": msgspec.to_builtins(effective_pulse(record, b)),
         "address": b.address,
+        "weight": weight(b.options.weight, b.health, rsid in held(record)),
+        "health": {**msgspec.to_builtins(b.health), "held_in": rsid in held(record)},
+        "check": None if observed is None else msgspec.to_builtins(observed),
         "kernel": None if kd is None else {"weight": kd.weight, "fwd": kd.fwd, "stats": kd.stats},
     }
 
@@ -261,12 +285,17 @@ Event = tuple[str, str, dict]
 class Engine:
     def __init__(self, services: Services, kernel: KernelPort,
                  persist: Callable[[Services], None],
-                 default_address: Callable[[], str] = lambda: ""):
+                 default_address: Callable[[], str] = lambda: "",
+                 clock: Callable[[], float] = time.time):
         self.services = services
         self.kernel = kernel
         self.persist = persist
         self.default_address = default_address
+        self.clock = clock
         self.foreign = 0  # kernel services gorb does not own, as of the last converge
+        self.observed: dict[Member, Outcome] = {}  # the last check of each backend (memory only)
+        self._targets: dict[str, TargetGroup] | None = None  # cache; None = to be rebuilt
+        self.targets_changed = False  # set when a mutation may have changed the check targets
 
     # start and reconcile ------------------------------------------------------------------------
 
@@ -313,7 +342,7 @@ class Engine:
         log.debug("batch of %d: persist %.1f ms, plan+apply %d ops %.1f ms", len(requests),
                   (t1 - t0) * 1e3, len(ops), (time.perf_counter() - t1) * 1e3)
         if all(r is None for r in results):
-            self.services = services
+            self._commit(services)
             return [(messages.fail(s), []) if isinstance(s, GorbError) else
                     (messages.ok(), s.events) for s in staged]
         self._restore(before, touched, ops, results)
@@ -334,10 +363,88 @@ class Engine:
         results = self.kernel.apply(ops)
         failed = [r for r in results if r is not None]
         if not failed:
-            self.services = draft.services
+            self._commit(draft.services)
             return messages.ok(), st.events
         self._restore(before, {st.touched}, ops, results)
         return messages.fail(_kernel_error(failed[0])), []
+
+    def _commit(self, services: Services) -> None:
+        self.services = services
+        self._targets = None
+        self.targets_changed = True
+
+    # health -------------------------------------------------------------------------------------
+
+    def targets(self) -> dict[str, TargetGroup]:
+        if self._targets is None:
+            self._targets = targets(self.services)
+        return self._targets
+
+    def handle_health(self, bodies: list[dict]) -> list[Event]:
+        """Take pushed ``health.results``: update each backend's health and apply the weights
+        that follow. Results for unknown targets (a backend just deleted) are dropped."""
+        now = self.clock()
+        groups = self.targets()
+        draft = Draft(self.services)
+        touched: set[str] = set()
+        events: list[Event] = []
+        for body in bodies:
+            try:
+                msg = msgspec.convert(body, HealthResults)
+            except msgspec.ValidationError as exc:
+                log.warning("dropping malformed health results: %s", exc)
+                continue
+            for outcome in msg.results:
+                group = groups.get(outcome.key)
+                if group is None:
+                    continue
+                for member in group.members:
+                    self.observed[member] = outcome
+                    vsid, rsid = member
+                    record = draft.services.get(vsid)
+                    backend = record.backends.get(rsid) if record else None
+                    if backend is None:
+                        continue
+                    new = _health_after(backend.health, outcome, msg.full, now,
+                                        slow_start(record, backend))
+                    if new == backend.health:
+                        continue
+                    if new.status != backend.health.status:
+                        log.warning("backend [%s/%s] status: %s", vsid, rsid,
+                                    new.status.capitalize())
+                        events.append((f"backend.{vsid}.{rsid}.health", "backend.health",
+                                       {"service": vsid, "backend": rsid, "status": new.status}))
+                    record = draft.writable(vsid)
+                    record.backends[rsid] = msgspec.structs.replace(backend, health=new)
+                    touched.add(vsid)
+        if not touched:
+            return events
+        before = self.services
+        for vsid in touched:
+            was, now_held = held(before[vsid]), held(draft.services[vsid])
+            if now_held and now_held != was:
+                log.warning("service %s: fail-open holds %d backend(s) in although down (%s); "
+                            "threshold %.2f", vsid, len(now_held), ", ".join(sorted(now_held)),
+                            draft.services[vsid].options.fail_open)
+        self.persist(draft.services)
+        ops = ops_between(before, draft.services, touched)
+        for r in self.kernel.apply(ops):
+            if r is not None:
+                log.error("applying health weights: %s (the next reconcile retries)", r)
+        self.services = draft.services  # the targets are unchanged: only health moved
+        return events
+
+    def pulse_targets(self, worker: int, workers: int) -> list[dict]:
+        """The check targets of one worker's shard, seeded with the writer's last verdict."""
+        out = []
+        for key, group in self.targets().items():
+            if owner(key, workers) != worker:
+                continue
+            vsid, rsid = group.members[0]
+            h = self.services[vsid].backends[rsid].health
+            out.append(msgspec.to_builtins(
+                msgspec.structs.replace(group.target, status=h.status, since=h.since)))
+        return out
 
     def _default_for(self, type_: str, body: Any) -> str:
         """The default VIP, looked up only for a service created without host or address."""
@@ -372,23 +479,42 @@ class Engine:
             req = messages.decode_request(type_, body)
             if type_ == "service.list":
                 return messages.ok({"services": sorted(self.services)})
+            if type_ == "pulse.targets":
+                if not 0 <= req.worker < req.workers:
+                    raise errors.invalid("worker must be in [0, workers)")
+                return messages.ok({"targets": self.pulse_targets(req.worker, req.workers)})
             if type_ == "state.dump":
                 live = self.kernel.dump() if req.stats else {}
                 return messages.ok({"services": {
-                    v: service_view(v, r, live.get(kservice(r.options, r.address).key))
+                    v: service_view(v, r, live.get(kservice(r.options, r.address).key),
+                                    self.observed)
                     for v, r in self.services.items()}})
             record = self.services.get(req.service)
             if record is None:
                 raise GorbError(errors.NOT_FOUND)
             live = self.kernel.service(kservice(record.options, record.address))
             if type_ == "service.get":
-                return messages.ok(service_view(req.service, record, live))
+                return messages.ok(service_view(req.service, record, live, self.observed))
             backend = record.backends.get(req.backend)
             if backend is None:
                 raise GorbError(errors.NOT_FOUND)
-            return messages.ok(backend_view(req.service, req.backend, backend, record, live))
+            return messages.ok(backend_view(req.service, req.backend, backend, record, live,
+                                            self.observed.get((req.service, req.backend))))
         except GorbError as err:
             return messages.fail(err)
+
+
+def _health_after(h: Health, outcome: Outcome, full: bool, now: float, slow) -> Health:
+    """A backend's health after one reported outcome. A full resend only corrects the status
+    (it repeats results already counted); a failed check of a target still up (``fall`` not
+    reached) changes nothing; only a passed check advances a climb."""
+    if outcome.status == UNKNOWN:
+        return h
+    if full:
+        return transition(h, outcome.status, now, slow) if outcome.status != h.status else h
+    if outcome.status == UP and not outcome.ok:
+        return h
+    return transition(h, outcome.status, now, slow)
 
 
 def _kernel_error(exc: Exception) -> GorbError:

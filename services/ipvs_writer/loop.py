@@ -2,7 +2,9 @@
 
 Requests queued on the ROUTER socket are drained together (up to ``max_batch``) so that mutations
 arriving back to back are group-committed: one state-file write and one netlink batch for all of
-them. Reads are answered in arrival order, after the mutations that came before them.
+them. Reads are answered in arrival order, after the mutations that came before them. Health
+results pushed by the pulse workers (PULL socket) are drained and applied the same way; after a
+mutation the workers are told to re-pull their targets (``pulse.targets.changed``).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import zmq
 
 from common import messages, runtime
 from common.envelope import Envelope
-from common.transport import Publisher, RouterServer
+from common.transport import Publisher, Puller, RouterServer
 from services.ipvs_writer.engine import Engine
 
 log = logging.getLogger(__name__)
@@ -27,6 +29,7 @@ class WriterLoop:
         self.engine = engine
         self.router = RouterServer(ctx, runtime.endpoint(runtime_dir, runtime.WRITER))
         self.publisher = Publisher(ctx, runtime.endpoint(runtime_dir, runtime.EVENTS), SRC)
+        self.health = Puller(ctx, runtime.endpoint(runtime_dir, runtime.HEALTH))
         self.reconcile_interval = reconcile_interval
         self.max_batch = max_batch
         self.running = True
@@ -34,16 +37,27 @@ class WriterLoop:
     def close(self) -> None:
         self.router.close()
         self.publisher.close()
+        self.health.close()
 
     def run(self) -> None:
         poller = zmq.Poller()
         poller.register(self.router.socket, zmq.POLLIN)
+        poller.register(self.health.socket, zmq.POLLIN)
         next_reconcile = time.monotonic() + self.reconcile_interval
         while self.running:
             # Short waits so a SIGTERM (which only sets a flag) is acted on promptly.
             wait = min(0.5, max(0.0, next_reconcile - time.monotonic()))
-            if poller.poll(timeout=wait * 1000):
+            ready = dict(poller.poll(timeout=wait * 1000))
+            if self.router.socket in ready:
                 self.serve(self.router.recv_many(self.max_batch))
+            if self.health.socket in ready:
+                results = self.health.recv_many(self.max_batch)
+                for topic, type_, body in self.engine.handle_health([e.body for e in results
+                                                                     if e.type == "health.results"]):
+                    self.publisher.publish(topic, type_, body)
+            if self.engine.targets_changed:
+                self.engine.targets_changed = False
+                self.publisher.publish("pulse.targets.changed", "pulse.targets.changed", {})
             if time.monotonic() >= next_reconcile:
                 self.reconcile()
                 next_reconcile = time.monotonic() + self.reconcile_interval

@@ -8,7 +8,8 @@ State file (JSON, so an operator can read it; path configurable, default
 
     {"version": 1,
      "services": {"web": {"options": ServiceOptions, "address": "10.0.0.1",
-                          "backends": {"a": {"options": BackendOptions, "address": "10.1.0.1"}}}}}
+                          "backends": {"a": {"options": BackendOptions, "address": "10.1.0.1",
+                                             "health": Health}}}}}
 
 Writes are atomic: the new content goes to ``<file>.tmp``, is fsynced and renamed over the file.
 Before that, the current file (last known good, since it was written by us and parsed at start)
@@ -30,6 +31,7 @@ from pathlib import Path
 import msgspec
 
 from common.model import BackendOptions, ServiceOptions
+from services.ipvs_writer.weights import Health
 
 STATE_VERSION = 1
 
@@ -37,6 +39,7 @@ STATE_VERSION = 1
 class BackendRecord(msgspec.Struct, frozen=True):
     options: BackendOptions
     address: str  # canonical IP literal of options.host
+    health: Health = Health()  # pulse's verdict; kept so that a restart does not flap weights
 
 
 class ServiceRecord(msgspec.Struct, frozen=True, dict=True):

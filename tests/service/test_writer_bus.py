@@ -123,12 +123,12 @@ def wait_for_subscription(client: RequestClient, sub: Subscriber) -> None:
 
 
 def collect(sub: Subscriber, n: int, timeout: float = 5.0) -> list[tuple[str, Envelope]]:
-    """The next ``n`` events that are not the probe's (bounded in time)."""
+    """The next ``n`` events that are not the probe's nor pulse's re-pull hints (bounded)."""
     out: list[tuple[str, Envelope]] = []
     deadline = time.monotonic() + timeout
     while len(out) < n and time.monotonic() < deadline:
         got = sub.recv(timeout=0.05)
-        if got is not None and not got[0].startswith("service.probe."):
+        if got is not None and not got[0].startswith(("service.probe.", "pulse.")):
             out.append(got)
     return out
 
@@ -145,6 +145,7 @@ def test_every_request_type_over_the_bus(writer, client):
         ("service.get", {"service": "web"}, None),
         ("backend.get", {"service": "web", "backend": "a"}, None),
         ("state.dump", {}, None),
+        ("pulse.targets", {"worker": 0, "workers": 1}, None),
         ("backend.delete", {"service": "web", "backend": "a"}, OK),
         ("backend.get", {"service": "web", "backend": "a"}, NOT_FOUND),
         ("service.delete", {"service": "web"}, OK),
@@ -165,6 +166,8 @@ def test_every_request_type_over_the_bus(writer, client):
     assert replies["backend.get"]["options"]["weight"] == 0
     assert replies["backend.get"]["kernel"]["weight"] == 0
     assert set(replies["state.dump"]["services"]) == {"web"}
+    (target,) = replies["pulse.targets"]["targets"]  # the default pulse: tcp to the backend
+    assert (target["type"], target["port"], target["status"]) == ("tcp", 8080, "unknown")
     assert writer.kernel.snapshot() == {}
     assert state.load(writer.state_file) == {}
 

@@ -1,0 +1,65 @@
+"""From the desired state to pulse check targets (pure).
+
+Each backend's effective pulse is its own pulse over its service's defaults
+(``common.validation.resolve_pulse``); backends checked the same way at the same address and port
+share one target. ``none`` needs no check: such a backend is simply up.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from common.pulse_messages import Target, target_key
+from common.validation import parse_duration, parse_interval, resolve_pulse
+from services.ipvs_writer.state import BackendRecord, ServiceRecord, Services
+from services.ipvs_writer.weights import SlowStart
+
+Member = tuple[str, str]  # (service id, backend id)
+
+
+@dataclass
+class TargetGroup:
+    target: Target
+    members: list[Member] = field(default_factory=list)
+
+
+def effective_pulse(service: ServiceRecord, backend: BackendRecord):
+    return resolve_pulse(backend.options.pulse, service.options.pulse)
+
+
+def slow_start(service: ServiceRecord, backend: BackendRecord) -> SlowStart:
+    value = effective_pulse(service, backend).slow_start
+    if isinstance(value, str):
+        return SlowStart(checks=0, seconds=parse_duration(value, "slow_start", allow_zero=True))
+    return SlowStart(checks=value)
+
+
+def backend_target(service: ServiceRecord, backend: BackendRecord) -> Target | None:
+    """The check of one backend (status unknown), or None for pulse type ``none``."""
+    p = effective_pulse(service, backend)
+    if p.type == "none":
+        return None
+    interval = float(parse_interval(p.interval))
+    timeout = parse_duration(p.timeout, "pulse timeout")
+    backoff = (parse_duration(p.backoff_max, "pulse backoff_max", allow_zero=True)
+               if p.backoff_max is not None else 4 * interval)
+    address, port = backend.address, backend.options.port
+    key = target_key(p.type, address, port, p.args, timeout, interval, p.rise, p.fall, backoff,
+                     p.jitter)
+    return Target(key, p.type, address, port, p.args, timeout, interval, p.rise, p.fall,
+                  backoff, p.jitter)
+
+
+def targets(services: Services) -> dict[str, TargetGroup]:
+    """Every check target of the desired state with the backends it stands for."""
+    out: dict[str, TargetGroup] = {}
+    for vsid, service in services.items():
+        for rsid, backend in service.backends.items():
+            t = backend_target(service, backend)
+            if t is None:
+                continue
+            group = out.get(t.key)
+            if group is None:
+                group = out[t.key] = TargetGroup(t)
+            group.members.append((vsid, rsid))
+    return out
