@@ -1,0 +1,64 @@
+"""Entry point of ``pulse-worker``: config, the bus sockets, the worker's loops; exit code.
+
+``--index`` is this worker's number (supervisord passes ``%(process_num)d``) and ``--workers``
+the count (default ``pulse.workers``). Exit codes: 0 on SIGTERM, 2 for a configuration error,
+70 when a loop crashed (supervisord restarts the worker; its trackers are re-seeded from the
+writer, so kernel weights do not move).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+
+import gevent
+import zmq.green as zmq
+
+from common import config, runtime
+from common.transport import Pusher, RequestClient, Subscriber
+from services.pulse_worker.worker import Worker
+
+log = logging.getLogger("pulse-worker")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="gorb-pulse-worker", description="gorb's health checker")
+    config.add_arguments(p)
+    p.add_argument("--index", type=int, default=0, help="this worker's number, from 0")
+    p.add_argument("--workers", type=int, help="how many workers share the checks")
+    p.add_argument("--runtime-dir", help="directory of the ipc sockets (gorb.runtime_dir)")
+    args = p.parse_args(argv)
+    try:
+        cfg = config.from_args(args)
+    except config.ConfigError as exc:
+        p.exit(2, f"gorb-pulse-worker: {exc}\n")
+    workers = args.workers or cfg.pulse.workers
+    if not 0 <= args.index < workers:
+        p.exit(2, f"gorb-pulse-worker: --index must be in [0, {workers})\n")
+    rundir = args.runtime_dir or cfg.gorb.runtime_dir
+    logging.basicConfig(level=cfg.gorb.log_level.upper(),
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    ctx = zmq.Context.instance()
+    worker = Worker(
+        args.index, workers,
+        RequestClient(ctx, runtime.endpoint(rundir, runtime.WRITER), f"pulse-{args.index}"),
+        Pusher(ctx, runtime.endpoint(rundir, runtime.HEALTH), f"pulse-{args.index}"),
+        Subscriber(ctx, runtime.endpoint(rundir, runtime.EVENTS), ("pulse.",)))
+    loops = worker.loops()
+    for g in loops:
+        g.start()
+    gevent.signal_handler(signal.SIGTERM, gevent.killall, loops)
+    gevent.signal_handler(signal.SIGINT, gevent.killall, loops)
+    gevent.joinall(loops, raise_error=False, count=1)
+    crashed = [g for g in loops if g.dead and not g.successful()]
+    for g in crashed:
+        log.error("loop %s crashed: %r; exiting for supervisord to restart the worker",
+                  g.name, g.exception)
+    gevent.killall(loops)
+    return 70 if crashed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
