@@ -6,7 +6,7 @@
     pulse.targets.changed    event (topic "pulse.targets.changed", body {}): re-pull
 
 A target is one check: the same address, port and check under several services is one target
-(checked once); ``key`` names it everywhere. ``status``/``since`` seed a worker's tracker with the
+(checked once); ``key`` (``common.check_spec.CheckSpec.key`` plus the timing) names it everywhere. ``status``/``since`` seed a worker's tracker with the
 writer's last known status, so a restarted or rebalanced worker does not flap weights.
 ``full`` marks a periodic resend of every target's latest outcome (lost messages heal).
 """
@@ -56,11 +56,3 @@ class HealthResults(msgspec.Struct, forbid_unknown_fields=True):
     worker: int
     results: list[Outcome]
     full: bool = False
-
-
-def target_key(type_: str, address: str, port: int, args: dict | None, timeout: float,
-               interval: float, rise: int, fall: int, backoff_max: float, jitter: float) -> str:
-    """One name for one check: equal for the same target checked the same way."""
-    canon = msgspec.json.encode(args or {}, order="sorted").decode()
-    return (f"{type_}|{address}|{port}|{canon}|t{timeout:g}|i{interval:g}|r{rise}|f{fall}"
-            f"|b{backoff_max:g}|j{jitter:g}")

@@ -311,7 +311,25 @@ def _expect_arg(value: Any) -> int | str | list[int]:
         if all(100 <= c <= 599 for c in expect_codes(value)) and expect_codes(value):
             return value
         raise invalid("pulse argument 'expect' must hold HTTP statuses (100-599)")
+    if isinstance(value, str) and value and not _DIGITS.match(value) and value.strip("-")[:1].isalpha():
+        return value  # a udp check's reply substring; check_pulse refuses it for http
     return _int_arg("expect", value)
+
+
+def check_pulse(pulse: PulseOptions) -> PulseOptions:
+    """Check what only the resolved pulse of a backend shows (its type may come from its
+    service): the args each check type needs, and args that do not fit the type."""
+    args = pulse.args or {}
+    if pulse.type == "dns" and not isinstance(args.get("query"), str):
+        raise invalid("a dns check needs a 'query' name in its args")
+    if pulse.type == "exec" and "argv" not in args:
+        raise invalid("an exec check needs an 'argv' list in its args")
+    expect = args.get("expect")
+    if pulse.type in ("http", "https") and isinstance(expect, str) and not _EXPECT.match(expect):
+        raise invalid("pulse argument 'expect' must be HTTP statuses for an http check")
+    if pulse.type == "udp" and expect is not None and not isinstance(expect, str):
+        raise invalid("pulse argument 'expect' of a udp check is a text the reply must contain")
+    return pulse
 
 
 def validate_backend(opts: BackendOptions, address: str = "", service_family: str = "",
@@ -378,5 +396,5 @@ def _is_hostname(text: str) -> bool:
 __all__ = [
     "GorbError", "decode", "validate_object_id", "parse_interval", "ip_family", "canonical_ip",
     "flags_value", "netmask_prefix", "validate_service", "validate_pulse", "validate_backend",
-    "validate_weight", "resolve_pulse", "parse_duration", "expect_codes",
+    "validate_weight", "resolve_pulse", "parse_duration", "expect_codes", "check_pulse",
 ]

@@ -29,6 +29,7 @@ from common.errors import GorbError
 from common.model import ServiceOptions
 from common.validation import (
     canonical_ip,
+    check_pulse,
     decode,
     ip_family,
     validate_backend,
@@ -230,6 +231,8 @@ def stage(draft: Draft, type_: str, req: Any, default_address: str = "") -> Stag
             raise errors.invalid(f"the service key ({', '.join(KEY_FIELDS[:4])}) cannot be changed "
                                  f"in place ({', '.join(changed)} differs): delete and re-create it")
         record = msgspec.structs.replace(current, options=opts)
+        for b in record.backends.values():
+            check_pulse(effective_pulse(record, b))
         draft.put(vsid, record)
         return Staged(vsid, [(f"service.{vsid}.updated", "service.updated",
                                    service_view(vsid, record))])
@@ -251,6 +254,7 @@ def stage(draft: Draft, type_: str, req: Any, default_address: str = "") -> Stag
             raise GorbError(errors.EXISTS, f"{errors.MSG_EXISTS}: backend {other!r} has "
                                            "that address and port")
         b = BackendRecord(opts, address)
+        check_pulse(effective_pulse(current, b))
         topic, verb = f"backend.{vsid}.{rsid}.created", "backend.created"
     elif backend is None:
         raise GorbError(errors.NOT_FOUND)

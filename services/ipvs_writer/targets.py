@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from common.pulse_messages import Target, target_key
+from common.check_spec import CheckSpec
+from common.pulse_messages import Target
 from common.validation import parse_duration, parse_interval, resolve_pulse
 from services.ipvs_writer.state import BackendRecord, ServiceRecord, Services
 from services.ipvs_writer.weights import SlowStart
@@ -39,15 +40,13 @@ def backend_target(service: ServiceRecord, backend: BackendRecord) -> Target | N
     p = effective_pulse(service, backend)
     if p.type == "none":
         return None
+    spec = CheckSpec.from_pulse(p, backend.address, backend.options.port)
     interval = float(parse_interval(p.interval))
-    timeout = parse_duration(p.timeout, "pulse timeout")
     backoff = (parse_duration(p.backoff_max, "pulse backoff_max", allow_zero=True)
                if p.backoff_max is not None else 4 * interval)
-    address, port = backend.address, backend.options.port
-    key = target_key(p.type, address, port, p.args, timeout, interval, p.rise, p.fall, backoff,
-                     p.jitter)
-    return Target(key, p.type, address, port, p.args, timeout, interval, p.rise, p.fall,
-                  backoff, p.jitter)
+    key = (f"{spec.key}|i{interval:g}|r{p.rise}|f{p.fall}|b{backoff:g}|j{p.jitter:g}")
+    return Target(key, spec.type, spec.address, spec.port, spec.args, spec.timeout, interval,
+                  p.rise, p.fall, backoff, p.jitter)
 
 
 def targets(services: Services) -> dict[str, TargetGroup]:

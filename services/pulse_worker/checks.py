@@ -24,8 +24,8 @@ service) falls back to 80 (http), 443 (https) or 53 (dns). ``args.timeout`` (qk4
 seconds) is folded into ``CheckSpec.timeout`` by ``CheckSpec.from_pulse``; ``run_check`` itself
 reads only ``spec.timeout``.
 
-Deliberate deviations from GORB's drivers (gorb-spec §4.2, §8 items 7 and 20), each an upstream bug
-or gap:
+Deliberate deviations from GORB's drivers (gorb-spec §4.2, §8 items 7 and 20), each an upstream
+bug or gap:
 - IPv6 targets work: ``[addr]:port`` in the Host header, sockets of the address's family;
 - the timeout is the pulse's ``timeout`` (default 5 s) for the whole check, not a fixed 5 s;
 - the HTTP response is always closed (GORB leaked every body); ``body`` checks its first 64 KiB;
@@ -65,8 +65,7 @@ import socket
 import ssl
 import subprocess
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 import dns.exception
@@ -74,13 +73,11 @@ import dns.flags
 import dns.message
 import dns.rcode
 import dns.rdatatype
-import msgspec
 
-from common.model import DEFAULT_PULSE_TIMEOUT, DEFAULT_PULSE_TYPE, PulseOptions
-from common.validation import expect_codes, parse_duration
+from common.check_spec import DEFAULT_PORTS, CheckSpec, scheme_of
+from common.validation import expect_codes
 from services.pulse_worker.tracker import Result
 
-DEFAULT_PORTS = {"http": 80, "https": 443, "dns": 53}
 BODY_LIMIT = 64 * 1024        # bytes of an HTTP body searched for ``body``
 ERROR_LIMIT = 300             # characters of an error text
 STDERR_LINE_LIMIT = 200       # characters of an exec check's last stderr line in its error
@@ -88,55 +85,6 @@ EXEC_USER = "nobody"          # who runs exec checks when the worker is root
 EXEC_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 USER_AGENT = "gorb-pulse"
 UDP_DEFAULT_PAYLOAD = "\n"
-# Args that are folded into other fields of the key (port: the target port; timeout: qk4l's
-# seconds, folded into ``timeout`` by ``from_pulse``).
-_KEY_SKIP = ("port", "timeout")
-
-
-@dataclass(frozen=True)
-class CheckSpec:
-    """One check of one target. ``args`` is copied at construction; treat it as read-only."""
-
-    type: str
-    address: str                  # an IP literal, v4 or v6
-    port: int = 0                 # the backend's port
-    args: Mapping[str, Any] = field(default_factory=dict, hash=False)
-    timeout: float = 5.0          # seconds for the whole check
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "args", dict(self.args or {}))
-
-    @classmethod
-    def from_pulse(cls, pulse: PulseOptions, address: str, port: int) -> CheckSpec:
-        """The check of a resolved pulse (``common.validation.resolve_pulse``). qk4l's
-        ``args.timeout`` (integer seconds), when given and non-zero, wins over ``pulse.timeout``:
-        after resolving, ``pulse.timeout`` always holds a value, so only the arg is explicit."""
-        args = dict(pulse.args or {})
-        timeout = parse_duration(pulse.timeout or DEFAULT_PULSE_TIMEOUT, "pulse timeout")
-        if args.get("timeout"):
-            timeout = float(args["timeout"])
-        return cls((pulse.type or DEFAULT_PULSE_TYPE).lower(), address, port, args, timeout)
-
-    @property
-    def target_port(self) -> int:
-        """The port the check talks to: ``args.port``, else the backend's, else the default."""
-        return (self.args.get("port") or self.port
-                or DEFAULT_PORTS.get(_scheme(self) if self.type == "http" else self.type, 0))
-
-    @property
-    def key(self) -> str:
-        """Equal for two backends whose checks are the same (same target after port overrides,
-        same canonical address, same args and timeout), so the worker runs it once."""
-        try:
-            address = ipaddress.ip_address(self.address).compressed
-        except ValueError:
-            address = self.address
-        args = {k: v for k, v in self.args.items() if k not in _KEY_SKIP}
-        try:
-            canon = msgspec.json.encode(args, order="sorted").decode()
-        except (TypeError, msgspec.EncodeError):
-            canon = repr(sorted(args.items(), key=lambda kv: kv[0]))
-        return f"{self.type}|{address}|{self.target_port}|{canon}|t{float(self.timeout):g}"
 
 
 def run_check(spec: CheckSpec, now: Callable[[], float] = time.monotonic) -> Result:
@@ -214,14 +162,14 @@ def _connect(address: str, port: int, deadline: _Deadline, kind: int) -> socket.
     return sock
 
 
-def _scheme(spec: CheckSpec) -> str:
-    if spec.type == "https":
-        return "https"
-    return str(spec.args.get("scheme") or "http").lower()
-
-
-def _bracket(host: str) -> str:
-    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+def host_header(host: str, port: int, scheme: str) -> str:
+    """The Host header: an IPv6 literal in brackets, ":port" unless it is the scheme's default
+    (qk4l), and a host that already carries a port ("name:8080", "[::1]:8080") verbatim."""
+    if _is_ipv6(host):
+        host = host if host.startswith("[") else f"[{host}]"
+    elif ":" in host:
+        return host
+    return host if port == DEFAULT_PORTS.get(scheme) else f"{host}:{port}"
 
 
 # --- drivers -------------------------------------------------------------------------------------
@@ -288,14 +236,12 @@ def _tls_context(verify: bool) -> ssl.SSLContext:
 
 def _http(spec: CheckSpec, deadline: _Deadline) -> None:
     args = spec.args
-    scheme = _scheme(spec)
+    scheme = scheme_of(spec)
     if scheme not in ("http", "https"):
         raise _Fail(f"unsupported scheme {scheme!r}")
     port = spec.target_port
     host = str(args.get("host") or spec.address)
-    host_header = _bracket(host)
-    if port != DEFAULT_PORTS[scheme] and not (":" in host and not _is_ipv6(host)):
-        host_header = f"{host_header}:{port}"
+    header = host_header(host, port, scheme)
     path = str(args.get("path") or "/")
     if not path.startswith("/"):
         path = "/" + path  # qk4l: the leading slash is optional
@@ -317,9 +263,9 @@ def _http(spec: CheckSpec, deadline: _Deadline) -> None:
                 sock = _tls_context(verify).wrap_socket(sock, server_hostname=name.strip("[]"))
             except OSError as exc:
                 raise _os_fail("tls", exc, deadline) from None
-        conn = http.client.HTTPConnection(host_header, port)
+        conn = http.client.HTTPConnection(header, port)
         conn.sock = _DeadlineSocket(sock, deadline)
-        headers = {"Host": host_header, "User-Agent": USER_AGENT, "Accept": "*/*",
+        headers = {"Host": header, "User-Agent": USER_AGENT, "Accept": "*/*",
                    "Connection": "close"}
         try:
             conn.request(method, path, headers=headers)
@@ -528,4 +474,5 @@ _DRIVERS: dict[str, Callable[[CheckSpec, _Deadline], None]] = {
     "exec": _exec,
 }
 
-__all__ = ["CheckSpec", "run_check", "DEFAULT_PORTS", "EXEC_USER", "UDP_DEFAULT_PAYLOAD"]
+__all__ = ["CheckSpec", "run_check", "host_header", "DEFAULT_PORTS", "EXEC_USER",
+           "UDP_DEFAULT_PAYLOAD"]
