@@ -7,7 +7,8 @@ The guest is Debian's ``linux.uml`` (a real 6.1 kernel run as an ordinary proces
 project's venv runs unchanged inside. ``init.sh`` (PID 1) loads ``ip_vs`` and every scheduler,
 runs the command from the tree's root and powers off. The command's output is streamed to our
 stdout while it runs and its exit status becomes ours. No network device is given to the guest:
-every address a test uses lives in namespaces inside it.
+every address a test uses lives in namespaces inside it. The boot itself is
+``services/launcher/uml.py`` (shared with ``gorb run``'s guest mode).
 
 Exit status: the command's, or 124 on timeout, or 125 when the guest died without one.
 """
@@ -15,28 +16,14 @@ Exit status: the command's, or 124 on timeout, or 125 when the guest died withou
 from __future__ import annotations
 
 import argparse
-import os
-import shlex
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-INIT = Path(__file__).resolve().parent / "init.sh"
-KERNEL = "/usr/bin/linux.uml"
-
-
-def available() -> str | None:
-    """None if the sandbox can run here, else why not."""
-    if not Path(KERNEL).exists():
-        return f"{KERNEL} is missing: apt-get install user-mode-linux"
-    if not shutil.which("modprobe"):
-        return "modprobe is missing: apt-get install kmod"
-    return None
+from services.launcher import uml
+from services.launcher.uml import available
 
 
 def run(argv: list[str], timeout: float = 1800, mem: str = "1G", env: dict[str, str] | None = None,
@@ -48,47 +35,27 @@ def run(argv: list[str], timeout: float = 1800, mem: str = "1G", env: dict[str, 
         print(f"sandbox: {why}", file=sys.stderr)
         return 125
     work = Path(tempfile.mkdtemp(prefix="gorb-uml-", dir="/tmp"))
+    guest = uml.Guest(argv, work, env=dict(env or {}), mem=mem)
     try:
-        exports = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in (env or {}).items())
-        (work / "cmd.sh").write_text(exports + "exec " + shlex.join(argv) + "\n")
-        (work / "output").touch()
-        cmd = [KERNEL, f"mem={mem}", "rootfstype=hostfs", "rootflags=/", "ro", f"init={INIT}",
-               "con=null", "con0=null,fd:1", "quiet", "loglevel=1", f"uml_dir={work}",
-               f"GORB_SBX_DIR={work}", f"GORB_SBX_REPO={REPO}"]
-        with open(work / "console", "wb") as console:
-            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=console,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
+        guest.start()
         deadline = time.monotonic() + timeout
-        timed_out = False
-        with open(work / "output", "rb") as output:
-            while True:
-                chunk = output.read()
-                if chunk:
-                    out.write(chunk.decode(errors="replace"))
-                    out.flush()
-                if proc.poll() is not None:
-                    chunk = output.read()
-                    if chunk:
-                        out.write(chunk.decode(errors="replace"))
-                    break
-                if time.monotonic() > deadline:
-                    timed_out = True
-                    break
-                time.sleep(0.2)
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        while guest.running() and time.monotonic() < deadline:
+            guest.pump(out)
+            time.sleep(0.2)
+        timed_out = guest.running()
+        guest.kill()
+        guest.pump(out)
         if timed_out:
             print(f"sandbox: timed out after {timeout:.0f} s", file=sys.stderr)
             return 124
-        rc_file = work / "rc"
-        if not rc_file.exists():
-            console_tail = (work / "console").read_bytes()[-3000:].decode(errors="replace")
-            print(f"sandbox: the guest stopped without an exit status; console:\n{console_tail}",
-                  file=sys.stderr)
+        rc = guest.exit_status()
+        if rc is None:
+            print(f"sandbox: the guest stopped without an exit status; console:\n"
+                  f"{guest.console_tail()}", file=sys.stderr)
             return 125
-        return int(rc_file.read_text().strip() or 125)
+        return rc
     finally:
+        guest.kill()
         shutil.rmtree(work, ignore_errors=True)
 
 
