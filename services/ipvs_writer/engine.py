@@ -444,8 +444,10 @@ class Engine:
         for key, group in self.targets().items():
             if owner(key, workers) != worker:
                 continue
-            vsid, rsid = group.members[0]
-            h = self.services[vsid].backends[rsid].health
+            # A backend added to a known target has not heard a result yet (unknown): seed
+            # with a member that has, or a restarted worker would forget a down target.
+            healths = [self.services[v].backends[r].health for v, r in group.members]
+            h = next((m for m in healths if m.status != UNKNOWN), healths[0])
             out.append(msgspec.to_builtins(
                 msgspec.structs.replace(group.target, status=h.status, since=h.since)))
         return out
