@@ -41,7 +41,14 @@ from services.ipvs_writer.state import BackendRecord, ServiceRecord, Services, e
 from common.pulse_messages import HealthResults, Outcome
 from common.shard import owner
 from services.ipvs_writer.table import KService, Op, SKey, kdest, kservice, plan
-from services.ipvs_writer.targets import Member, TargetGroup, effective_pulse, slow_start, targets
+from services.ipvs_writer.targets import (
+    Member,
+    TargetGroup,
+    backend_target,
+    effective_pulse,
+    slow_start,
+    targets,
+)
 from services.ipvs_writer.weights import UNKNOWN, UP, Health, held_in, transition, weight
 
 log = logging.getLogger(__name__)
@@ -188,7 +195,11 @@ def _kservice_view(live: KService | None) -> dict | None:
             "netmask": live.netmask, "stats": live.stats}
 
 
-def stage(draft: Draft, type_: str, req: Any, default_address: str = "") -> Staged:
+Seed = Callable[[ServiceRecord, BackendRecord], Health]
+
+
+def stage(draft: Draft, type_: str, req: Any, default_address: str = "",
+          seed: Seed | None = None) -> Staged:
     """Apply one mutation to ``draft``; raises GorbError (and leaves the draft as it was) for a
     refused request. ``default_address`` is the VIP of a service created without ``host``
     (GORB: the first address of the ``-i`` device)."""
@@ -255,6 +266,8 @@ def stage(draft: Draft, type_: str, req: Any, default_address: str = "") -> Stag
                                            "that address and port")
         b = BackendRecord(opts, address)
         check_pulse(effective_pulse(current, b))
+        if seed is not None:  # a target already known (down) under another service: same verdict
+            b = msgspec.structs.replace(b, health=seed(current, b))
         topic, verb = f"backend.{vsid}.{rsid}.created", "backend.created"
     elif backend is None:
         raise GorbError(errors.NOT_FOUND)
@@ -331,7 +344,7 @@ class Engine:
         for type_, body in requests:
             try:
                 staged.append(stage(draft, type_, messages.decode_request(type_, body),
-                                    self._default_for(type_, body)))
+                                    self._default_for(type_, body), self._seed))
             except GorbError as err:
                 staged.append(err)
         services = draft.services
@@ -360,7 +373,7 @@ class Engine:
         draft = Draft(before)
         try:
             st = stage(draft, type_, messages.decode_request(type_, body),
-                       self._default_for(type_, body))
+                       self._default_for(type_, body), self._seed)
         except GorbError as err:
             return messages.fail(err), []
         ops = ops_between(before, draft.services, {st.touched})
@@ -376,6 +389,10 @@ class Engine:
         self.services = services
         self._targets = None
         self.targets_changed = True
+        gone = [m for m in self.observed
+                if m[0] not in services or m[1] not in services[m[0]].backends]
+        for member in gone:  # a re-created backend must not show a stale check
+            del self.observed[member]
 
     # health -------------------------------------------------------------------------------------
 
@@ -437,6 +454,16 @@ class Engine:
                 log.error("applying health weights: %s (the next reconcile retries)", r)
         self.services = draft.services  # the targets are unchanged: only health moved
         return events
+
+    def _seed(self, service: ServiceRecord, backend: BackendRecord) -> Health:
+        """The health a new backend starts with: that of its target if pulse already knows it."""
+        target = backend_target(service, backend)
+        group = self.targets().get(target.key) if target is not None else None
+        for vsid, rsid in group.members if group else ():
+            known = self.services[vsid].backends[rsid].health
+            if known.status != UNKNOWN:
+                return known
+        return backend.health
 
     def pulse_targets(self, worker: int, workers: int) -> list[dict]:
         """The check targets of one worker's shard, seeded with the writer's last verdict."""

@@ -23,7 +23,7 @@ DEFAULT_LOG_DIR = "/var/log/gorb"
 DEFAULT_RUNTIME_DIR = GorbSection().runtime_dir
 STATE_FILE_NAME = "state.json"  # inside --state-dir
 # Programs the template starts today; pulse-worker (issue 4) and discovery (issue 5) are commented.
-PROGRAMS = ("ipvs-writer", "api")
+PROGRAMS = ("ipvs-writer", "api", "pulse-worker")
 
 
 @dataclass(frozen=True)

@@ -53,12 +53,17 @@ def test_rendered_config_is_what_supervisord_runs(tmp_path):
     assert [(s["family"] == 1, s["file"], s["chmod"]) for s in sv.server_configs] == \
         [(True, f"{lay.runtime_dir}/supervisor.sock", 0o770)]  # AF_UNIX only: no TCP
     progs = programs(opts)
-    assert list(progs) == list(conf.PROGRAMS) == ["ipvs-writer", "api"]
-    for name, module, priority in (("ipvs-writer", "ipvs_writer", 10), ("api", "api", 20)):
+    assert list(conf.PROGRAMS) == ["ipvs-writer", "api", "pulse-worker"]
+    workers = [f"pulse-worker_{i:02d}" for i in range(config.Config().pulse.workers)]
+    assert list(progs) == ["ipvs-writer", "api", *workers]
+    expected = [("ipvs-writer", "ipvs_writer", 10, ""), ("api", "api", 20, "")]
+    expected += [(w, "pulse_worker", 30, f" --index {i} --workers {len(workers)}")
+                 for i, w in enumerate(workers)]
+    for name, module, priority, extra in expected:
         prio, p = progs[name]
         assert prio == priority
         assert p.command == f"/opt/venv/bin/python -m services.{module} --config " \
-                            f"{lay.runtime_dir}/gorb.toml"
+                            f"{lay.runtime_dir}/gorb.toml{extra}"
         assert p.directory == "/src/gorb"
         assert (p.stopsignal, p.stopwaitsecs, p.startsecs) == (signal.SIGTERM, 10, 2)
         assert p.stopasgroup and p.killasgroup and p.redirect_stderr
@@ -80,14 +85,16 @@ def test_supervisorctl_finds_the_socket(tmp_path):
 
 
 @pytest.mark.parametrize("workers", [1, 2, 7])
-def test_pulse_and_discovery_stay_commented_with_numprocs_from_config(tmp_path, workers):
+def test_pulse_workers_from_config_and_discovery_commented(tmp_path, workers):
     cfg = config.Config()
     cfg.pulse.workers = workers
     text = conf.render(cfg, layout(tmp_path))
-    assert list(programs(server_options(text, tmp_path))) == ["ipvs-writer", "api"]
-    assert f"\n;numprocs={workers} " in text
-    assert "\n;[program:pulse-worker]\n" in text and "\n;[program:discovery]\n" in text
-    assert "\n;process_name=%(program_name)s_%(process_num)02d " in text
+    names = [f"pulse-worker_{i:02d}" for i in range(workers)]
+    progs = programs(server_options(text, tmp_path))
+    assert list(progs) == ["ipvs-writer", "api", *names]
+    assert [progs[n][1].command.split("--index ")[1] for n in names] == \
+        [f"{i} --workers {workers}" for i in range(workers)]
+    assert "\n;[program:discovery]\n" in text and "\n[program:pulse-worker]\n" in text
 
 
 def test_ctl_inet_adds_a_tcp_server(tmp_path):
