@@ -1,0 +1,299 @@
+"""The REST API's routes: GORB's (gorb-spec §2.2) plus PATCH /service/<vs>, /health, /metrics and
+/openapi.json. Each route validates what it can without state, sends one request to the writer and
+turns the reply into a response; the app keeps nothing between requests.
+
+Responses:
+
+    PUT / PATCH / DELETE   200 with an empty body (GORB), no Content-Type
+    GET                    200 JSON (GORB's tab-indented shapes, ``views``)
+    errors                 {"error": "<text>"} with the status of ``common.errors.HTTP_STATUS``:
+                           400 invalid, 404 unknown object, 409 exists, 500 kernel, 503 no writer;
+                           404 unknown path, 405 known path with another method (with Allow),
+                           413 body over ``max_body`` bytes, 500 ``internal error`` for a bug
+
+This module is the one choke point where exceptions become responses: a ``GorbError`` becomes its
+status and text, ``WriterUnavailable`` a 503, anything else is logged with its traceback and
+answered 500 ``internal error`` — never a traceback on the wire, never a dropped connection.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import bottle
+import msgspec
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    GCCollector,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
+from prometheus_client.registry import CollectorRegistry
+
+from common import errors
+from common.errors import GorbError
+from common.validation import validate_backend, validate_object_id, validate_service
+from services.api import openapi, views
+from services.api.metrics import WriterCollector
+from services.api.resolver import Resolver, is_ip, resolve_host
+from services.api.writer_client import WriterClient, WriterUnavailable
+
+log = logging.getLogger("api")
+access_log = logging.getLogger("api.access")
+
+MAX_BODY = 1 << 20  # bytes; GORB had no limit (gorb-spec §8.22)
+JSON = "application/json"
+MSG_INTERNAL = "internal error"
+MSG_NO_ROUTE = "404 page not found"  # GORB's (gorilla/mux) text for an unknown path
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+def _json(status: int, value: Any, **headers: str) -> bottle.HTTPResponse:
+    return bottle.HTTPResponse(views.encode(value), status, {"Content-Type": JSON, **headers})
+
+
+def _error(status: int, text: str, **headers: str) -> bottle.HTTPResponse:
+    return _json(status, {"error": text}, **headers)
+
+
+def _done() -> bottle.HTTPResponse:
+    return bottle.HTTPResponse(b"", 200)
+
+
+def read_body(environ: dict, limit: int) -> bytes:
+    """The request body, at most ``limit`` bytes; ``BodyTooLarge`` beyond, without reading it all.
+
+    Read from ``wsgi.input`` directly: gevent's server has already undone chunked encoding, which
+    bottle's own reader would try to undo a second time."""
+    stream = environ.get("wsgi.input")
+    if stream is None:
+        return b""
+    length = environ.get("CONTENT_LENGTH") or ""
+    if length.strip():
+        try:
+            n = int(length)
+        except ValueError:
+            raise GorbError(errors.INVALID, f"bad Content-Length {length!r}") from None
+        if n > limit:
+            raise BodyTooLarge()
+        return stream.read(n) if n > 0 else b""
+    if "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower():
+        data = stream.read(limit + 1)
+        if len(data) > limit:
+            raise BodyTooLarge()
+        return data
+    return b""
+
+
+class Api:
+    """The routes, bound to one writer client; ``app`` is the bottle application."""
+
+    def __init__(self, client: WriterClient, resolve: Resolver = resolve_host,
+                 max_body: int = MAX_BODY):
+        self.client = client
+        self.resolve = resolve
+        self.max_body = max_body
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(WriterCollector(client))
+        for collector in (ProcessCollector, PlatformCollector, GCCollector):
+            collector(registry=self.registry)
+        self.app = app = bottle.Bottle(catchall=True)
+        app.config["json.enable"] = False
+        app.default_error_handler = self._bottle_error
+        app.install(self._guard)
+        app.route("/service", "GET", self.list_services)
+        app.route("/service/<vs>", "PUT", self.create_service)
+        app.route("/service/<vs>", "GET", self.get_service)
+        app.route("/service/<vs>", "PATCH", self.update_service)
+        app.route("/service/<vs>", "DELETE", self.delete_service)
+        app.route("/service/<vs>/<rs>", "PUT", self.create_backend)
+        app.route("/service/<vs>/<rs>", "GET", self.get_backend)
+        app.route("/service/<vs>/<rs>", "PATCH", self.update_backend)
+        app.route("/service/<vs>/<rs>", "DELETE", self.delete_backend)
+        app.route("/health", "GET", self.health)
+        app.route("/metrics", "GET", self.metrics)
+        app.route("/openapi.json", "GET", self.openapi)
+        self._openapi = views.encode(openapi.document())
+
+    # the choke point ---------------------------------------------------------------------------
+
+    def _guard(self, callback: Callable) -> Callable:
+        """Bottle plugin around every route: exceptions -> JSON error responses."""
+
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return callback(*args, **kwargs)
+            except bottle.HTTPResponse:
+                raise
+            except GorbError as err:
+                return _error(views.status_of(err), err.reason)
+            except WriterUnavailable as exc:
+                log.warning("%s %s: %s", bottle.request.method, bottle.request.path, exc)
+                return _error(errors.HTTP_STATUS[errors.UNAVAILABLE], str(exc))
+            except BodyTooLarge:
+                return _error(413, f"request body over {self.max_body} bytes")
+            except Exception:
+                log.exception("internal error in %s %s", bottle.request.method,
+                              bottle.request.path)
+                return _error(500, MSG_INTERNAL)
+
+        return wrapper
+
+    @staticmethod
+    def _bottle_error(err: bottle.HTTPError) -> bytes:
+        """Bottle's own errors (no route, wrong method, a crash outside a route) as JSON."""
+        bottle.response.content_type = JSON
+        if err.status_code == 404:
+            return views.encode({"error": MSG_NO_ROUTE})
+        if err.status_code == 405:
+            return views.encode({"error": "method not allowed"})
+        if err.traceback:
+            log.error("internal error: %s", err.traceback)
+        return views.encode({"error": MSG_INTERNAL if err.status_code >= 500 else err.body})
+
+    def _ask(self, type_: str, body: dict[str, Any]) -> Any:
+        """The data of the writer's reply; a refusal raises it as a GorbError."""
+        reply = self.client.request(type_, body)
+        if not reply["ok"]:
+            errno = reply["errno"] if reply["errno"] in errors.HTTP_STATUS else errors.INTERNAL
+            raise GorbError(errno, reply["reason"])
+        return reply["data"]
+
+    def _body(self) -> bytes:
+        return read_body(bottle.request.environ, self.max_body)
+
+    # services ----------------------------------------------------------------------------------
+
+    def list_services(self) -> Any:
+        return _json(200, self._ask("service.list", {})["services"])
+
+    def create_service(self, vs: str) -> Any:
+        vs = validate_object_id(vs)
+        opts = views.decode_service(self._body())
+        # GORB's checks before the name lookup: a bad body costs no DNS query (gorb-spec §2.3).
+        validate_service(opts)
+        address = ""
+        if opts.host and not is_ip(opts.host):
+            address = self.resolve(opts.host)
+        self._ask("service.create", {"service": vs, "options": _wire(opts), "address": address})
+        where = address or opts.host or "<device address>"
+        log.info("creating virtual service [%s] on %s:%d", vs, where, opts.port)
+        return _done()
+
+    def get_service(self, vs: str) -> Any:
+        vs = validate_object_id(vs)
+        return _json(200, views.service_info(self._ask("service.get", {"service": vs}),
+                                             time.time()))
+
+    def update_service(self, vs: str) -> Any:
+        vs = validate_object_id(vs)
+        options = views.decode_service_patch(self._body())
+        self._ask("service.update", {"service": vs, "options": options})
+        log.info("updating virtual service [%s] with %s", vs, sorted(options))
+        return _done()
+
+    def delete_service(self, vs: str) -> Any:
+        vs = validate_object_id(vs)
+        self._ask("service.delete", {"service": vs})
+        log.info("removing virtual service [%s]", vs)
+        return _done()
+
+    # backends ----------------------------------------------------------------------------------
+
+    def create_backend(self, vs: str, rs: str) -> Any:
+        vs, rs = validate_object_id(vs), validate_object_id(rs)
+        opts = views.decode_backend(self._body())
+        validate_backend(opts, fwmark_service=True)  # the writer checks the port under its service
+        address = ""
+        if opts.host and not is_ip(opts.host):
+            address = self.resolve(opts.host)
+        self._ask("backend.create", {"service": vs, "backend": rs, "options": _wire(opts),
+                                     "address": address})
+        log.info("creating backend [%s] on %s:%d for virtual service [%s]", rs,
+                 address or opts.host, opts.port, vs)
+        return _done()
+
+    def get_backend(self, vs: str, rs: str) -> Any:
+        vs, rs = validate_object_id(vs), validate_object_id(rs)
+        view = self._ask("backend.get", {"service": vs, "backend": rs})
+        return _json(200, views.backend_info(view, time.time()))
+
+    def update_backend(self, vs: str, rs: str) -> Any:
+        vs, rs = validate_object_id(vs), validate_object_id(rs)
+        weight = views.decode_weight(self._body())
+        self._ask("backend.update", {"service": vs, "backend": rs, "weight": weight})
+        log.info("updating backend [%s/%s] with weight: %d", vs, rs, weight)
+        return _done()
+
+    def delete_backend(self, vs: str, rs: str) -> Any:
+        vs, rs = validate_object_id(vs), validate_object_id(rs)
+        self._ask("backend.delete", {"service": vs, "backend": rs})
+        log.info("removing backend [%s/%s]", vs, rs)
+        return _done()
+
+    # the rest ----------------------------------------------------------------------------------
+
+    def health(self) -> Any:
+        try:
+            self._ask("service.list", {})
+        except WriterUnavailable as exc:
+            return _json(503, {"api": "ok", "writer": "unavailable", "error": str(exc)})
+        return _json(200, {"api": "ok", "writer": "ok"})
+
+    def metrics(self) -> Any:
+        return bottle.HTTPResponse(generate_latest(self.registry), 200,
+                                   {"Content-Type": CONTENT_TYPE_LATEST})
+
+    def openapi(self) -> Any:
+        return bottle.HTTPResponse(self._openapi, 200, {"Content-Type": JSON})
+
+
+def _wire(opts: Any) -> dict[str, Any]:
+    return msgspec.to_builtins(opts)
+
+
+class AccessLog:
+    """WSGI middleware: one log line per request (method, path, status, ms), and GORB's empty
+    200s without a Content-Type; an exception that escapes the app is a 500 JSON, logged."""
+
+    def __init__(self, app: Callable):
+        self.app = app
+
+    def __call__(self, environ: dict, start_response: Callable) -> Any:
+        t0 = time.perf_counter()
+        seen: dict[str, Any] = {}
+
+        def start(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+            if any(k.lower() == "content-length" and v == "0" for k, v in headers):
+                headers = [(k, v) for k, v in headers if k.lower() != "content-type"]
+            seen["status"] = status
+            return start_response(status, headers, exc_info) if exc_info else \
+                start_response(status, headers)
+
+        try:
+            return self.app(environ, start)
+        except Exception:
+            log.exception("internal error outside the routes")
+            body = views.encode({"error": MSG_INTERNAL})
+            seen["status"] = "500 Internal Server Error"
+            start_response(seen["status"], [("Content-Type", JSON),
+                                            ("Content-Length", str(len(body)))])
+            return [body]
+        finally:
+            access_log.info("%s %s %s %.1fms", environ.get("REQUEST_METHOD"),
+                            environ.get("PATH_INFO"), seen.get("status", "-").split(" ")[0],
+                            (time.perf_counter() - t0) * 1e3)
+
+
+def build(client: WriterClient, resolve: Resolver = resolve_host,
+          max_body: int = MAX_BODY) -> tuple[Api, Callable]:
+    """The API object and the WSGI application to serve."""
+    api = Api(client, resolve, max_body)
+    return api, AccessLog(api.app)

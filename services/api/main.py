@@ -1,0 +1,97 @@
+"""Entry point of ``gorb-api``: parse config, build the writer client and the app, serve, exit code.
+
+The process holds no state: every request is forwarded to ipvs-writer over
+``ipc://<runtime_dir>/writer.sock``. Exit codes: 0 on SIGTERM/SIGINT, 2 for a configuration
+problem or a listen address that cannot be bound, 70 when the writer-reply greenlet died of a bug
+(supervisord restarts the API).
+
+gevent: ``python -m services.api`` monkey-patches in its entry module (``__main__``) before anything
+else is imported; this module only uses gevent's own APIs (pywsgi, zmq.green, gevent's resolver),
+so the ``gorb-api`` console script works unpatched as well.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+
+import gevent
+import zmq.green
+from gevent.pywsgi import WSGIServer
+
+from common import config, runtime
+from services.api.app import build
+from services.api.resolver import Resolver, resolve_host
+from services.api.writer_client import WriterClient
+
+log = logging.getLogger("api")
+
+
+def parse_args(argv: list[str] | None) -> tuple[config.Config, str]:
+    """The effective configuration and the writer's endpoint; exits 2 on a bad one."""
+    p = argparse.ArgumentParser(prog="gorb-api", description="gorb's REST API (GORB's :4672)")
+    config.add_arguments(p)
+    p.add_argument("--runtime-dir", help="directory of the ipc sockets (gorb.runtime_dir)")
+    p.add_argument("--writer-timeout", type=float,
+                   help="seconds to wait for the writer before answering 503 (api.writer_timeout)")
+    p.add_argument("--log-level", choices=["debug", "info", "warning"])
+    args = p.parse_args(argv)
+    try:
+        cfg = config.from_args(args)
+        for name, section in (("runtime_dir", cfg.gorb), ("log_level", cfg.gorb),
+                              ("writer_timeout", cfg.api)):
+            if getattr(args, name) is not None:
+                setattr(section, name, getattr(args, name))
+        if not cfg.api.writer_timeout > 0:
+            raise config.ConfigError("api.writer_timeout must be positive")
+        endpoint = runtime.endpoint(cfg.gorb.runtime_dir, runtime.WRITER)
+    except (config.ConfigError, ValueError) as exc:
+        p.exit(2, f"gorb-api: {exc}\n")
+    return cfg, endpoint
+
+
+def main(argv: list[str] | None = None, resolve: Resolver = resolve_host) -> int:
+    """``resolve`` turns host names into addresses (tests pass one that needs no DNS)."""
+    cfg, endpoint = parse_args(argv)
+    logging.basicConfig(level=cfg.gorb.log_level.upper(),
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    ctx = zmq.green.Context()
+    client = WriterClient(ctx, endpoint, cfg.api.writer_timeout)
+    _, wsgi = build(client, resolve)
+    server = WSGIServer(config.parse_listen(cfg.api.listen), wsgi, log=None, error_log=log)
+    try:
+        server.init_socket()
+    except OSError as exc:
+        log.error("cannot listen on %s: %s", cfg.api.listen, exc)
+        client.close()
+        ctx.destroy(linger=0)
+        return 2
+    code = 0
+
+    def stop(reason: str) -> None:
+        log.info("%s: stopping", reason)
+        gevent.spawn(server.stop, timeout=5)
+
+    def reader_died(greenlet: gevent.Greenlet) -> None:
+        nonlocal code
+        log.error("the writer-reply greenlet died: %r; exiting for supervisord to restart the "
+                  "API", greenlet.exception)
+        code = 70
+        stop("internal error")
+
+    client.reader.link_exception(reader_died)
+    gevent.signal_handler(signal.SIGTERM, stop, "SIGTERM")
+    gevent.signal_handler(signal.SIGINT, stop, "SIGINT")
+    log.info("setting up HTTP server on %s (writer %s)", cfg.api.listen, endpoint)
+    try:
+        server.serve_forever()
+    finally:
+        client.close()
+        ctx.destroy(linger=0)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,214 @@
+"""Helpers (no tests) for the API's service tests: a real ``WriterLoop`` over ipc:// in a thread on
+a fake kernel, the API as a real ``python -m services.api`` process, and a tiny HTTP client.
+
+The writer thread restarts like the real process does: the kernel (``FakeKernel``) outlives it,
+and a new engine loads the state file the old one wrote.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import http.client
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import zmq
+
+from common import runtime
+from common.envelope import Envelope, encode
+from services.ipvs_writer import state
+from services.ipvs_writer.engine import Engine
+from services.ipvs_writer.loop import WriterLoop
+from tests.service.fake_kernel import FakeKernel
+
+ROOT = Path(__file__).resolve().parents[2]
+DEVICE_ADDRESS = "10.0.0.100"  # the writer's "-i device" address for services without host
+
+
+class StatsKernel(FakeKernel):
+    """A FakeKernel whose entries carry statistics, as the real kernel's dump does: ``stats`` maps
+    a service key to its counters, ``dest_stats`` a (service key, dest key) to a dest's."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.stats: dict = {}
+        self.dest_stats: dict = {}
+
+    def _with_stats(self, svc):
+        if svc is not None:
+            svc.stats = self.stats.get(svc.key)
+            for dkey, d in svc.dests.items():
+                d.stats = self.dest_stats.get((svc.key, dkey))
+        return svc
+
+    def dump(self):
+        return {k: self._with_stats(s) for k, s in super().dump().items()}
+
+    def service(self, svc):
+        return self._with_stats(super().service(svc))
+
+
+class AnyScheduler(frozenset):
+    """Every scheduler name is loadable (for the fuzz: the kernel's ENOENT is not the API's bug)."""
+
+    def __contains__(self, item):
+        return True
+
+
+class WriterThread:
+    """One writer process's objects with the loop in a thread; ``restart`` keeps the kernel."""
+
+    def __init__(self, rundir: str, state_file: Path | None = None,
+                 kernel: FakeKernel | None = None, default_address: str = DEVICE_ADDRESS):
+        self.rundir = rundir
+        self.state_file = state_file
+        self.kernel = kernel if kernel is not None else StatsKernel()
+        self.default_address = default_address
+        self.endpoint = runtime.endpoint(rundir, runtime.WRITER)
+        self.start()
+
+    def start(self) -> None:
+        """Start (again, after ``stop``): a new engine from the state file, the same kernel."""
+        self.ctx = zmq.Context()
+        path = self.state_file
+        services = state.load(path) if path is not None else {}
+        persist = (lambda s: state.save(path, s)) if path is not None else (lambda s: None)
+        self.engine = Engine(services, self.kernel, persist, lambda: self.default_address)
+        self.engine.start()
+        self.loop = WriterLoop(self.engine, self.ctx, self.rundir, 3600.0)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="writer-loop", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.loop.run()
+        except BaseException as exc:  # surfaced by stop()
+            self.error = exc
+
+    def stop(self) -> None:
+        self.loop.running = False
+        with self.ctx.socket(zmq.DEALER) as waker:  # wakes the loop's poll at once
+            waker.setsockopt(zmq.LINGER, 0)
+            waker.connect(self.endpoint)
+            waker.send(encode(Envelope.new("service.list", {}, "test-stop")))
+            self.thread.join(5)
+        assert not self.thread.is_alive(), "the writer loop did not stop"
+        self.loop.close()
+        self.ctx.destroy(linger=0)
+        assert self.error is None, self.error
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
+@contextlib.contextmanager
+def short_rundir():
+    """A runtime dir under /tmp: pytest's tmp_path can exceed the 107-byte ipc path limit."""
+    d = tempfile.mkdtemp(prefix="gorb-api-", dir="/tmp")
+    try:
+        yield str(runtime.ensure_runtime_dir(os.path.join(d, "run"), 0o700))
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def hashed_resolve(host: str) -> str:
+    """A resolver without DNS: an IP literal as is, any other well-formed host name to a fixed
+    address derived from it (10.200.x.y), names containing "nosuch" to Go's "no such host"."""
+    from common.errors import invalid
+    from services.api.resolver import resolve_host
+
+    def getaddrinfo(name, port, family, kind):
+        if "nosuch" in name or not name or len(name) > 253 or " " in name:
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        digest = hashlib.sha256(name.encode("utf-8", "replace")).digest()
+        return [(socket.AF_INET, kind, 6, "", (f"10.200.{digest[0]}.{digest[1]}", 0))]
+
+    try:
+        return resolve_host(host, getaddrinfo=getaddrinfo)
+    except UnicodeError:
+        raise invalid(f"lookup {host}: no such host") from None
+
+
+class ApiProcess:
+    """``python -m services.api --config <file>`` on a free loopback port; with ``resolver``
+    (e.g. ``"tests.service.test_api_support:hashed_resolve"``) the same ``main`` is started with
+    that resolver instead of DNS."""
+
+    def __init__(self, rundir: str, workdir: Path, writer_timeout: float = 1.0,
+                 resolver: str | None = None):
+        self.port = free_port()
+        self.config = workdir / "gorb.toml"
+        self.config.write_text(
+            f'[gorb]\nruntime_dir = "{rundir}"\nlog_level = "warning"\n\n'
+            f'[api]\nlisten = "127.0.0.1:{self.port}"\nwriter_timeout = {writer_timeout}\n')
+        self.log_path = workdir / "api.log"
+        self.log = open(self.log_path, "wb")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("GORB_")}
+        argv = ["-m", "services.api"]
+        if resolver is not None:
+            module, name = resolver.split(":")
+            argv = ["-c", "from gevent import monkey; monkey.patch_all(); import sys; "
+                          f"from services.api.main import main; from {module} import {name}; "
+                          f"sys.exit(main(sys.argv[1:], {name}))"]
+        self.proc = subprocess.Popen(
+            [sys.executable, *argv, "--config", str(self.config)],
+            cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        self.base = f"http://127.0.0.1:{self.port}"
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"the API exited: {self.output()}"
+            try:
+                if request("GET", self.port, "/openapi.json", timeout=1)[0] == 200:
+                    return
+            except OSError:
+                time.sleep(0.05)
+        raise AssertionError(f"the API did not come up: {self.output()}")
+
+    def output(self) -> str:
+        """What the process logged so far."""
+        return self.log_path.read_bytes().decode(errors="replace")
+
+    def stop(self) -> int:
+        """SIGTERM and the exit code (killed after 10 s)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+        return self.proc.returncode
+
+
+def request(method: str, port: int, path: str, body: object = None, timeout: float = 10.0,
+            conn: http.client.HTTPConnection | None = None) -> tuple[int, dict, bytes]:
+    """(status, headers, body) of one HTTP request; ``body`` is JSON-encoded unless bytes."""
+    own = conn is None
+    conn = conn or http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        data = body if body is None or isinstance(body, bytes) else json.dumps(body).encode()
+        conn.request(method, path, body=data)
+        resp = conn.getresponse()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+    finally:
+        if own:
+            conn.close()
