@@ -1,11 +1,17 @@
 """``python -m services.api``: the ``gorb-api`` program, gevent-patched before anything else."""
 
-from gevent import monkey
+import sys
 
-monkey.patch_all()
 
-import sys  # noqa: E402  (after patching, on purpose)
+def run() -> int:
+    """The console script: gevent patches first (here only), then the program."""
+    from gevent import monkey
 
-from services.api.main import main  # noqa: E402
+    monkey.patch_all()
+    from services.api.main import main
 
-sys.exit(main())
+    return main()
+
+
+if __name__ == "__main__":
+    sys.exit(run())

@@ -86,6 +86,24 @@ def families(services: Mapping[str, Mapping[str, Any]] | None, now: float) -> li
                                  labels=BACKEND_LABELS)
     b_weight = GaugeMetricFamily("gorb_service_backend_weight", "Weight of a backend service",
                                  labels=BACKEND_LABELS)
+    b_held = GaugeMetricFamily("gorb_service_backend_held_in",
+                               "1 when fail-open keeps a down backend in its service",
+                               labels=BACKEND_LABELS)
+    s_held = GaugeMetricFamily("gorb_service_fail_open_held",
+                               "Down backends that fail-open keeps in the service",
+                               labels=SERVICE_LABELS)
+    b_ok = GaugeMetricFamily("gorb_service_backend_check_ok",
+                             "1 if the last health check passed, 0 if it failed",
+                             labels=BACKEND_LABELS)
+    b_latency = GaugeMetricFamily("gorb_service_backend_check_latency_seconds",
+                                  "Duration of the last health check", labels=BACKEND_LABELS)
+    b_last = GaugeMetricFamily("gorb_service_backend_last_check_timestamp_seconds",
+                               "When the last health check ended (Unix time)",
+                               labels=BACKEND_LABELS)
+    b_passes = GaugeMetricFamily("gorb_service_backend_consecutive_passes",
+                                 "Health checks passed in a row", labels=BACKEND_LABELS)
+    b_failures = GaugeMetricFamily("gorb_service_backend_consecutive_failures",
+                                   "Health checks failed in a row", labels=BACKEND_LABELS)
     s_counters = {key: CounterMetricFamily(f"gorb_ipvs_service_{suffix}",
                                            f"{text} by the IPVS service", labels=SERVICE_LABELS)
                   for key, suffix, text in COUNTERS}
@@ -100,6 +118,8 @@ def families(services: Mapping[str, Mapping[str, Any]] | None, now: float) -> li
         backends = view.get("backends") or {}
         s_health.add_metric(labels, views.service_health(backends, now))
         s_backends.add_metric(labels, len(backends))
+        s_held.add_metric(labels, sum(1 for b in backends.values()
+                                      if (b.get("health") or {}).get("held_in")))
         stats = (view.get("kernel") or {}).get("stats") or {}
         for key, family in s_counters.items():
             if key in stats:
@@ -112,6 +132,13 @@ def families(services: Mapping[str, Mapping[str, Any]] | None, now: float) -> li
             b_health.add_metric(blabels, m["health"])
             b_status.add_metric(blabels, m["status"])
             b_weight.add_metric(blabels, views.current_weight(bview))
+            b_held.add_metric(blabels, 1 if m["held_in"] else 0)
+            b_passes.add_metric(blabels, m["consecutive_passes"])
+            b_failures.add_metric(blabels, m["consecutive_failures"])
+            if m["last_result"] is not None:
+                b_ok.add_metric(blabels, 1 if m["last_result"]["ok"] else 0)
+                b_latency.add_metric(blabels, m["last_result"]["latency"] or 0.0)
+                b_last.add_metric(blabels, m["last_check"] or 0.0)
             bstats = (bview.get("kernel") or {}).get("stats") or {}
             for key, family in b_counters.items():
                 if key in bstats:
@@ -119,7 +146,8 @@ def families(services: Mapping[str, Mapping[str, Any]] | None, now: float) -> li
             for key, family in b_gauges.items():
                 if key in bstats:
                     family.add_metric(blabels, bstats[key])
-    return [up, s_health, s_backends, b_uptime, b_health, b_status, b_weight,
+    return [up, s_health, s_backends, s_held, b_uptime, b_health, b_status, b_weight, b_held,
+            b_ok, b_latency, b_last, b_passes, b_failures,
             *s_counters.values(), *b_counters.values(), *b_gauges.values()]
 
 

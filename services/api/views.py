@@ -245,6 +245,10 @@ def backend_metrics(view: Mapping[str, Any], now: float) -> dict[str, Any]:
         "last_result": None if check is None else {
             "ok": check.get("ok"), "error": check.get("error", ""),
             "latency": check.get("latency")},
+        "checks": 0 if check is None else check.get("checks", 0),
+        "consecutive_passes": 0 if check is None else check.get("passes", 0),
+        "consecutive_failures": 0 if check is None else check.get("failures", 0),
+        "held_in": bool(health.get("held_in", False)),  # fail-open keeps it in although down
     }
 
 

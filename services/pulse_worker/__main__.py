@@ -1,11 +1,17 @@
 """``python -m services.pulse_worker``: gevent patches first (here only), then the worker."""
 
-from gevent import monkey
+import sys
 
-monkey.patch_all()
 
-import sys  # noqa: E402
+def run() -> int:
+    """The console script: gevent patches first (here only), then the program."""
+    from gevent import monkey
 
-from services.pulse_worker.main import main  # noqa: E402
+    monkey.patch_all()
+    from services.pulse_worker.main import main
 
-sys.exit(main())
+    return main()
+
+
+if __name__ == "__main__":
+    sys.exit(run())

@@ -164,3 +164,23 @@ def test_the_collector_asks_for_a_dump_with_stats_on_every_collect():
 def test_the_collector_reports_gorb_up_0_when_the_writer_fails(client):
     [up] = list(WriterCollector(client).collect())
     assert up.name == "gorb_up" and up.samples[0].value == 0
+
+
+def test_pulse_details_and_fail_open_in_metrics():
+    dump = {"web": {**DUMP["web"], "backends": {
+        "a": _backend("a", "10.1.0.1", 100, health={"status": "down", "since": NOW - 9,
+                                                  "held_in": True},
+                      check={"at": NOW - 2, "ok": False, "health": 0.0, "latency": 0.25,
+                             "passes": 0, "failures": 4}),
+        "b": _backend("b", "10.1.0.2", 100)}}}
+    _, s = scrape(dump)
+    a, b = be_labels("web", "a", "10.1.0.1", "8080"), be_labels("web", "b", "10.1.0.2", "8080")
+    assert s[("gorb_service_backend_held_in", a)] == 1
+    assert s[("gorb_service_backend_held_in", b)] == 0
+    assert s[("gorb_service_fail_open_held", svc_labels("web", "", "80", "tcp"))] == 1
+    assert s[("gorb_service_backend_check_ok", a)] == 0
+    assert s[("gorb_service_backend_check_latency_seconds", a)] == 0.25
+    assert s[("gorb_service_backend_last_check_timestamp_seconds", a)] == NOW - 2
+    assert s[("gorb_service_backend_consecutive_failures", a)] == 4
+    assert s[("gorb_service_backend_consecutive_passes", a)] == 0
+    assert ("gorb_service_backend_check_ok", b) not in s  # never checked: no sample

@@ -222,7 +222,8 @@ def _check(ok=True, health=1.0, at=NOW - 3, error="", latency=0.002, status="up"
 
 
 UNCHECKED = {"status": 0, "status_name": "unknown", "health": 1.0, "uptime": 0,
-             "last_check": None, "last_result": None}
+             "last_check": None, "last_result": None, "checks": 0, "consecutive_passes": 0,
+             "consecutive_failures": 0, "held_in": False}
 
 
 def test_a_backend_not_checked_yet_reports_gorbs_initial_pulse_metrics():
@@ -238,7 +239,16 @@ def test_an_up_backend_reports_its_uptime_in_seconds_and_the_last_check():
                                      check=_check(health=0.75)), NOW)
     assert m == {"status": 0, "status_name": "up", "health": 0.75, "uptime": 90,
                  "last_check": NOW - 3,
-                 "last_result": {"ok": True, "error": "", "latency": 0.002}}
+                 "last_result": {"ok": True, "error": "", "latency": 0.002},
+                 "checks": 10, "consecutive_passes": 3, "consecutive_failures": 0,
+                 "held_in": False}
+
+
+def test_a_backend_held_in_by_fail_open_says_so():
+    m = views.backend_metrics(_bview(health={"status": "down", "since": NOW - 5,
+                                             "held_in": True},
+                                     check=_check(ok=False, status="down")), NOW)
+    assert (m["status_name"], m["held_in"], m["consecutive_failures"]) == ("down", True, 0)
 
 
 def test_a_down_backend_is_status_1_with_no_uptime():
