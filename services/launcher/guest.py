@@ -62,12 +62,17 @@ class _Signals:
 
 
 def guest_config(cfg: config.Config) -> config.Config:
-    """What the guest's gorb runs with: its own runtime dir, and the API on every address of the
-    guest (its vec0 is reachable only from our namespace) on the same port."""
+    """What the guest's gorb runs with: its own runtime dir, the API on every address of the
+    guest (its vec0 is reachable only from our namespace) on the same port, and vec0 as the
+    default device unless another was chosen."""
     copy = msgspec.toml.decode(config.dump(cfg).encode(), type=config.Config)
     _, port = config.parse_listen(cfg.api.listen)
     copy.api.listen = f":{port}"
     copy.gorb.runtime_dir = GUEST_RUNTIME_DIR
+    if copy.writer.device == config.WriterSection().device:
+        # The guest has no eth0: its one device is vec0, so a service PUT without "host" gets
+        # the guest's address (GORB's -i default) instead of "endpoint information is missing".
+        copy.writer.device = "vec0"
     return copy
 
 

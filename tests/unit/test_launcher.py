@@ -290,6 +290,9 @@ def test_guest_config_and_script(tmp_path):
     inside = guest.guest_config(cfg)
     assert (inside.api.listen, inside.gorb.runtime_dir) == (":5000", "/run/gorb")
     assert cfg.api.listen == "127.0.0.1:5000"  # a copy
+    assert inside.writer.device == "vec0"  # the guest's only device, unless chosen otherwise
+    cfg.writer.device = "dummy0"
+    assert guest.guest_config(cfg).writer.device == "dummy0"
     script = guest.guest_script(cfg, lay, Path("/run/gorb/uml"))
     assert "mkdir -p /var/lib/gorb && mount -t hostfs hostfs /var/lib/gorb -o /var/lib/gorb" \
         in script
