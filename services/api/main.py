@@ -19,6 +19,7 @@ import sys
 
 import gevent
 import zmq.green
+from gevent.pool import Pool
 from gevent.pywsgi import WSGIServer
 
 from common import config, runtime
@@ -27,6 +28,12 @@ from services.api.resolver import Resolver, resolve_host
 from services.api.writer_client import WriterClient
 
 log = logging.getLogger("api")
+
+# Seconds the requests in flight get to finish on SIGTERM before their connections are closed.
+# Handlers run in a Pool so that stopping can wait for them: with gevent's default spawn,
+# serve_forever returns at once and closing the writer client answered them 503 "the API is
+# stopping" (or cut them off), so ``gorb ctl restart api`` gave clients wrong answers.
+STOP_TIMEOUT = 5.0
 
 
 def parse_args(argv: list[str] | None) -> tuple[config.Config, str]:
@@ -60,7 +67,8 @@ def main(argv: list[str] | None = None, resolve: Resolver = resolve_host) -> int
     ctx = zmq.green.Context()
     client = WriterClient(ctx, endpoint, cfg.api.writer_timeout)
     _, wsgi = build(client, resolve)
-    server = WSGIServer(config.parse_listen(cfg.api.listen), wsgi, log=None, error_log=log)
+    server = WSGIServer(config.parse_listen(cfg.api.listen), wsgi, log=None, error_log=log,
+                        spawn=Pool())
     try:
         server.init_socket()
     except OSError as exc:
@@ -72,7 +80,7 @@ def main(argv: list[str] | None = None, resolve: Resolver = resolve_host) -> int
 
     def stop(reason: str) -> None:
         log.info("%s: stopping", reason)
-        gevent.spawn(server.stop, timeout=5)
+        server.close()  # no new connections; serve_forever then waits for the pool
 
     def reader_died(greenlet: gevent.Greenlet) -> None:
         nonlocal code
@@ -86,7 +94,7 @@ def main(argv: list[str] | None = None, resolve: Resolver = resolve_host) -> int
     gevent.signal_handler(signal.SIGINT, stop, "SIGINT")
     log.info("setting up HTTP server on %s (writer %s)", cfg.api.listen, endpoint)
     try:
-        server.serve_forever()
+        server.serve_forever(stop_timeout=STOP_TIMEOUT)
     finally:
         client.close()
         ctx.destroy(linger=0)

@@ -1,9 +1,13 @@
 """The supervised system on a real kernel: ``gorb run`` in a fresh namespace, supervisorctl, stop.
 
 ``gorb run`` here takes the host path (the guest's kernel has IPVS): it becomes supervisord, which
-starts ipvs-writer and api. The API is required once ``services/api/__main__.py`` exists.
+starts ipvs-writer, api and ``pulse.workers`` pulse workers (pulse-worker_00, _01 by default).
 Also here (it needs root and namespaces): the relay that ``gorb run``'s guest mode uses on a host
 without IPVS; that mode as a whole is checked by ``check_run_on_host.sh``.
+
+``Gorb`` (one ``gorb run`` and the means to reach it from the test process: supervisord's
+XML-RPC, HTTP to the API through a socket made inside the namespace) and ``proc_table`` (the
+kernel's table without a fork) are shared with ``test_api_e2e.py``.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import sys
 import threading
 import time
 import xmlrpc.client
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -28,24 +33,47 @@ from common import runtime
 from common.transport import RequestClient
 from services.launcher import netns as launcher_netns
 from services.launcher.relay import Relay, connect_in
+from tests.sandbox import topology
 from tests.sandbox.conftest import REPO, ipvsadm, sh
+from tests.sandbox.topology import BACKEND_PORT, VIP, VIP_PORT
 
-HAS_API = (REPO / "services" / "api" / "__main__.py").exists()
-PROGRAMS = ["api", "ipvs-writer"] if HAS_API else ["ipvs-writer"]
+# What `gorb run` supervises with the default pulse.workers = 2 (discovery comes with issue 5).
+PROGRAMS = ["api", "ipvs-writer", "pulse-worker_00", "pulse-worker_01"]
 API_PORT = 4672
 
 
-class Gorb:
-    """One ``gorb run`` in namespace ``ns`` with its files under ``root``."""
+@dataclass
+class Reply:
+    status: int
+    headers: dict[str, str]  # lower-cased names
+    raw: bytes
 
-    def __init__(self, ns: str, root: Path) -> None:
+    def json(self):
+        return json.loads(self.raw)
+
+
+class Gorb:
+    """One ``gorb run`` in namespace ``ns`` with its files under ``root``.
+
+    The API listens on ``listen`` inside the namespace; ``http`` reaches it from the test process
+    through a socket created inside the namespace (``connect_in``: a short-lived thread enters
+    it), so no address has to be routed between the guest's root namespace and ``ns``.
+    """
+
+    def __init__(self, ns: str, root: Path, listen: str = f"127.0.0.1:{API_PORT}",
+                 device: str | None = None) -> None:
         self.ns, self.root = ns, root
+        self.api_address = (listen.rpartition(":")[0] or "127.0.0.1",
+                            int(listen.rpartition(":")[2]))
         self.run_dir = root / "run"
         self.config = root / "gorb.toml"
+        device_line = f'device = "{device}"\n' if device else ""
         self.config.write_text(
-            f'[api]\nlisten = "127.0.0.1:{API_PORT}"\n'
-            f'[writer]\nstate_file = "{root}/state/state.json"\nreconcile_interval = 1.0\n')
+            f'[api]\nlisten = "{listen}"\n'
+            f'[writer]\nstate_file = "{root}/state/state.json"\nreconcile_interval = 1.0\n'
+            f'{device_line}')
         self.out = root / "gorb-run.out"
+        self._ns_fd = launcher_netns.open_ns(ns)
         with open(self.out, "wb") as out:
             self.proc = subprocess.Popen(
                 ["ip", "netns", "exec", ns, sys.executable, "-m", "services.launcher", "run",
@@ -53,21 +81,36 @@ class Gorb:
                  "--log-dir", str(root / "log")],
                 cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
 
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        if self._ns_fd >= 0:
+            os.close(self._ns_fd)
+            self._ns_fd = -1
+
     def ctl(self, *args: str) -> str:
         proc = subprocess.run([sys.executable, "-m", "services.launcher", "ctl", "--runtime-dir",
                                str(self.run_dir), *args], cwd=REPO, capture_output=True,
                               text=True, timeout=60)
         return proc.stdout + proc.stderr
 
-    def states(self) -> dict[str, str]:
-        """{program: state} from supervisord's XML-RPC (what ``status`` prints, without the
-        second a supervisorctl process costs in the guest)."""
+    def processes(self) -> dict[str, dict]:
+        """{process name: supervisord's process info} from its XML-RPC (what ``status`` prints,
+        without the second a supervisorctl process costs in the guest); {} if it does not
+        answer."""
         transport = SupervisorTransport(None, None, f"unix://{self.run_dir}/supervisor.sock")
         proxy = xmlrpc.client.ServerProxy("http://127.0.0.1", transport)
         try:
-            return {p["name"]: p["statename"] for p in proxy.supervisor.getAllProcessInfo()}
+            return {p["name"]: p for p in proxy.supervisor.getAllProcessInfo()}
         except (OSError, xmlrpc.client.Error):
             return {}
+
+    def states(self) -> dict[str, str]:
+        return {name: p["statename"] for name, p in self.processes().items()}
+
+    def pid(self, name: str) -> int:
+        return self.processes()[name]["pid"]
 
     def wait_states(self, want: dict[str, str], timeout: float = 40.0) -> None:
         deadline = time.monotonic() + timeout
@@ -81,34 +124,67 @@ class Gorb:
 
     def log(self) -> str:
         logs = [self.out, *sorted((self.root / "log").glob("*.log"))]
-        return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in logs if p.exists())
+        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}"
+                         for p in logs if p.exists())
+
+    def connect(self, timeout: float = 5.0) -> http.client.HTTPConnection:
+        """An HTTP connection to the API, its socket made inside the namespace."""
+        sock = connect_in(self._ns_fd, self.api_address, timeout=timeout)
+        sock.settimeout(timeout)
+        conn = http.client.HTTPConnection(*self.api_address, timeout=timeout)
+        conn.sock = sock
+        return conn
+
+    def http(self, method: str, path: str, body: object = None, timeout: float = 10.0) -> Reply:
+        """One request on a fresh connection (as curl does); ``body`` a JSON value or bytes.
+        Connection errors (refused, reset) propagate as ``ConnectionError``."""
+        conn = self.connect(timeout)
+        try:
+            data = body if body is None or isinstance(body, bytes) else json.dumps(body).encode()
+            conn.request(method, path, body=data,
+                         headers={} if data is None else {"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            return Reply(resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read())
+        finally:
+            conn.close()
 
     def http_get(self, path: str) -> tuple[int, object]:
-        """GET on the API, from inside the namespace (it listens on the namespace's loopback)."""
-        fd = launcher_netns.open_ns(self.ns)
-        try:
-            sock = connect_in(fd, ("127.0.0.1", API_PORT), timeout=5)
-        finally:
-            os.close(fd)
-        sock.settimeout(10)
-        conn = http.client.HTTPConnection("127.0.0.1", API_PORT)
-        conn.sock = sock
-        conn.request("GET", path)
-        reply = conn.getresponse()
-        body = json.loads(reply.read() or b"null")
-        conn.close()
-        return reply.status, body
+        reply = self.http("GET", path)
+        return reply.status, json.loads(reply.raw or b"null")
 
     def wait_api(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
-                if self.http_get("/health")[0] == 200:
+                if self.http("GET", "/health").status == 200:
                     return
             except OSError:
                 pass
             time.sleep(0.3)
         raise AssertionError(f"the API does not answer:\n{self.log()}")
+
+
+_FWD = {"Masq", "Route", "Tunnel", "Local"}
+
+
+def _hex_endpoint(text: str) -> str:
+    addr, port = text.split(":")
+    return f"{socket.inet_ntoa(bytes.fromhex(addr))}:{int(port, 16)}"
+
+
+def proc_table(pid: int) -> dict[str, dict[str, tuple[str, int]]]:
+    """The IPv4 IPVS table of the namespace of process ``pid``, read from
+    ``/proc/<pid>/net/ip_vs`` without a fork (an ``ipvsadm`` under ``ip netns exec`` costs
+    ~250 ms in the guest), as {"TCP 10.77.0.100:80": {"10.77.11.2:8080": ("Masq", 100)}}."""
+    table: dict[str, dict[str, tuple[str, int]]] = {}
+    current: dict[str, tuple[str, int]] | None = None
+    for line in Path(f"/proc/{pid}/net/ip_vs").read_text().splitlines()[3:]:
+        fields = line.split()
+        if fields[:1] in (["TCP"], ["UDP"], ["SCTP"]) and len(fields[1]) == 13:
+            current = table[f"{fields[0]} {_hex_endpoint(fields[1])}"] = {}
+        elif fields[:1] == ["->"] and current is not None and fields[2] in _FWD:
+            current[_hex_endpoint(fields[1])] = (fields[2], int(fields[3]))
+    return table
 
 
 def writer_request(run_dir: Path, type_: str, body: dict) -> dict:
@@ -127,20 +203,32 @@ def writer_request(run_dir: Path, type_: str, body: dict) -> dict:
         client.close()
 
 
+def poll(what: str, get, ok, timeout: float, every: float = 0.2):
+    """``get()`` until ``ok(value)``; AssertionError with the last value after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = get()
+        if ok(value):
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: still {value!r} after {timeout:.0f} s")
+        time.sleep(every)
+
+
 @pytest.fixture
 def gorb(netns, tmp_path):
     g = Gorb(netns("sv"), tmp_path)
     yield g
-    if g.proc.poll() is None:
-        g.proc.kill()
-        g.proc.wait()
+    g.close()
 
 
-def test_gorb_run_supervises_writer_and_api(gorb):
+def test_gorb_run_supervises_writer_api_and_pulse_workers(gorb):
     gorb.wait_states({p: "RUNNING" for p in PROGRAMS})
     assert (gorb.run_dir / "gorb.toml").exists() and (gorb.run_dir / "supervisord.conf").exists()
     status = gorb.ctl("status")
-    assert all(f"{p} " in status for p in PROGRAMS) and status.count("RUNNING") == len(PROGRAMS)
+    assert all(f"{p} " in status for p in PROGRAMS), status
+    assert status.count("RUNNING") == len(PROGRAMS), status
+    assert "pulse-worker:pulse-worker_00 " in status, status  # one group, numprocs = 2
     plain = subprocess.run([str(Path(sys.executable).parent / "supervisorctl"), "-c",
                             str(gorb.run_dir / "supervisord.conf"), "status"],
                            capture_output=True, text=True, timeout=60).stdout
@@ -149,9 +237,11 @@ def test_gorb_run_supervises_writer_and_api(gorb):
     reply = writer_request(gorb.run_dir, "service.create",
                            {"service": "web", "options": {"host": "10.77.0.100", "port": 80}})
     assert reply["ok"], reply
+    # No health check: the address does not exist, and a (default tcp) check would take it to 0.
     reply = writer_request(gorb.run_dir, "backend.create",
                            {"service": "web", "backend": "a",
-                            "options": {"host": "10.77.1.2", "port": 8080, "weight": 5}})
+                            "options": {"host": "10.77.1.2", "port": 8080, "weight": 5,
+                                        "pulse": {"type": "none"}}})
     assert reply["ok"], reply
     table = {"TCP 10.77.0.100:80": {"sched": "wrr", "flags": "",
                                     "dests": {"10.77.1.2:8080": ("Masq", 5)}}}
@@ -171,12 +261,11 @@ def test_gorb_run_supervises_writer_and_api(gorb):
     gorb.wait_states({p: "RUNNING" for p in PROGRAMS})
     assert writer_request(gorb.run_dir, "service.list", {})["data"]["services"] == ["web"]
 
-    if HAS_API:
-        gorb.wait_api()
-        assert "api: started" in gorb.ctl("restart", "api")
-        gorb.wait_api()
-        status, services = gorb.http_get("/service")
-        assert status == 200 and "web" in services, (status, services)
+    gorb.wait_api()
+    assert "api: started" in gorb.ctl("restart", "api")
+    gorb.wait_api()
+    status, services = gorb.http_get("/service")
+    assert status == 200 and "web" in services, (status, services)
 
     # SIGTERM to `gorb run` (it became supervisord): every child stops, nothing is left behind
     pids = set(sh(f"ip netns pids {gorb.ns}").split())
@@ -187,6 +276,81 @@ def test_gorb_run_supervises_writer_and_api(gorb):
     assert [p for p in pids if Path(f"/proc/{p}").exists()] == []
     assert ipvsadm(gorb.ns) == table  # the writer leaves IPVS in place when it stops
     assert "exit status 0" in (gorb.root / "log" / "supervisord.log").read_text()
+
+
+def test_a_killed_pulse_worker_is_restarted_and_no_kernel_weight_moves(netns, tmp_path):
+    """kill -9 of a pulse worker while it checks real servers (two up, one refusing): supervisord
+    restarts it, its targets are re-seeded with the writer's verdicts, and the kernel's weights
+    do not move at any moment, sampled every ~50 ms from the kill until the new worker has run
+    several check rounds; then the checks go on (newer results) and traffic is even."""
+    topo = topology.build(netns, n_backends=2)
+    gorb = Gorb(topo.lb, tmp_path)
+    try:
+        gorb.wait_states({p: "RUNNING" for p in PROGRAMS})
+        gorb.wait_api()
+        pulse = {"type": "http", "interval": "1s", "timeout": "1s", "args": {"path": "/"}}
+        assert gorb.http("PUT", "/service/web", {"host": VIP, "port": VIP_PORT, "method": "rr",
+                                                 "pulse": pulse}).status == 200
+        hosts = {"b1": (topo.addresses["b1"], BACKEND_PORT),
+                 "b2": (topo.addresses["b2"], BACKEND_PORT),
+                 "dead": (topo.addresses["b2"], 9)}  # nothing listens: refused, down
+        for rs, (host, port) in hosts.items():
+            reply = gorb.http("PUT", f"/service/web/{rs}", {"host": host, "port": port})
+            assert reply.status == 200, reply
+        settled = {f"TCP {VIP}:{VIP_PORT}": {
+            f"{topo.addresses['b1']}:{BACKEND_PORT}": ("Masq", 100),
+            f"{topo.addresses['b2']}:{BACKEND_PORT}": ("Masq", 100),
+            f"{topo.addresses['b2']}:9": ("Masq", 0)}}
+        poll("the settled table", lambda: proc_table(gorb.proc.pid), settled.__eq__, 20.0)
+
+        def names() -> dict[str, str]:
+            return {rs: gorb.http("GET", f"/service/web/{rs}").json()["metrics"]["status_name"]
+                    for rs in hosts}
+
+        poll("pulse verdicts", names, {"b1": "up", "b2": "up", "dead": "down"}.__eq__, 20.0)
+        assert {k: v["dests"] for k, v in ipvsadm(topo.lb).items()} == settled
+
+        # Each worker in turn, so that whichever worker owns a target (rendezvous hashing) was
+        # killed once under it.
+        samples, restarted_at = 0, 0.0
+        for name in ("pulse-worker_00", "pulse-worker_01"):
+            old = gorb.pid(name)
+            os.kill(old, signal.SIGKILL)
+            back, deadline = None, time.monotonic() + 40.0
+            while time.monotonic() < deadline:
+                table = proc_table(gorb.proc.pid)
+                samples += 1
+                assert table == settled, f"{name} killed, sample {samples}: {table}"
+                if back is None:
+                    info = gorb.processes().get(name, {})
+                    if info.get("statename") == "RUNNING" and info.get("pid") not in (0, old):
+                        back, restarted_at = time.monotonic(), time.time()
+                elif time.monotonic() > back + 4.0:  # the new worker ran a few 1 s rounds
+                    break
+                time.sleep(0.05)
+            assert back is not None, f"{name} not restarted: {gorb.processes()}\n{gorb.log()}"
+            assert gorb.pid(name) != old
+            assert f"exited: {name} (terminated by SIGKILL" in \
+                (gorb.root / "log" / "supervisord.log").read_text()
+        status = gorb.ctl("status")
+        assert status.count("RUNNING") == len(PROGRAMS), status
+
+        # Every target is still checked (by whichever worker owns it now): newer results.
+        def last_checks() -> list[float]:
+            return [gorb.http("GET", f"/service/web/{rs}").json()["metrics"]["last_check"] or 0
+                    for rs in hosts]
+
+        poll("checks after the restart", last_checks,
+              lambda ts: min(ts) > restarted_at, 15.0)
+        assert proc_table(gorb.proc.pid) == settled
+        result = topo.requests(20)
+        assert result["failures"] == 0, result["errors"]
+        assert result["counts"] == {"b1": 10, "b2": 10}
+        print(f"both pulse workers killed and restarted: {samples} kernel samples, no weight "
+              "moved")
+    finally:
+        gorb.close()
+        topo.close()
 
 
 def _recv_all(sock: socket.socket) -> bytes:

@@ -228,7 +228,9 @@ def test_backend_lifecycle(h):
     assert info["options"]["method"] == "nat"
     # not checked yet (no pulse worker here): GORB's initial pulse metrics
     assert info["metrics"] == {"status": 0, "status_name": "unknown", "health": 1.0,
-                               "uptime": 0, "last_check": None, "last_result": None}
+                               "uptime": 0, "last_check": None, "last_result": None,
+                               "checks": 0, "consecutive_passes": 0,
+                               "consecutive_failures": 0, "held_in": False}
     assert info["address"] == "10.1.0.1"
     assert get(h, "/service/web/b")["options"]["method"] == "dr"
     dests = h.kernel.snapshot()[WEB_KEY].dests
