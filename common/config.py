@@ -48,6 +48,15 @@ class PulseSection(msgspec.Struct, forbid_unknown_fields=True):
 
 class DiscoverySection(msgspec.Struct, forbid_unknown_fields=True):
     consul: str = ""                    # GORB -c: Consul agent URL; "" disables registration
+    token: str = ""                     # Consul ACL token (CONSUL_HTTP_TOKEN is not read)
+    kv_prefix: str = ""                 # shared configuration in Consul KV, e.g. "gorb"; "" = none
+    store_dir: str = ""                 # read-only store: a directory of <vs>.json; "" = none
+    max_delete_share: float = 0.5       # a store sync deleting more of the services is refused
+    check_interval: float = 10.0        # seconds between Consul check refreshes (TTL = 3x)
+    hostname: str = ""                  # Meta gorb_host of the registrations; "" = gethostname()
+    id_format: str = "{service}"        # Consul service ID; "{service}@{host}" on a shared agent
+    retry_max: float = 5.0              # cap (seconds) of the backoff while Consul is unreachable
+    store_poll: float = 5.0             # seconds between reads of store_dir
 
 
 class Config(msgspec.Struct, forbid_unknown_fields=True):

@@ -1,0 +1,17 @@
+"""``python -m services.discovery``: gevent patches first (here only), then the program."""
+
+import sys
+
+
+def run() -> int:
+    """The console script: gevent patches first (here only), then the program."""
+    from gevent import monkey
+
+    monkey.patch_all()
+    from services.discovery.main import main
+
+    return main()
+
+
+if __name__ == "__main__":
+    sys.exit(run())

@@ -1,0 +1,55 @@
+"""Entry point of ``discovery``: config, the loops of ``service.Discovery``; exit code.
+
+Exit codes: 0 on SIGTERM/SIGINT, 2 for a configuration error (e.g. a Consul URL without scheme),
+70 when a loop crashed (supervisord restarts the process; Consul registrations and the store are
+re-checked from scratch by the new one, nothing is deregistered on the way).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+
+import gevent
+import zmq.green as zmq
+
+from common import config
+from common.transport import TransportError
+from services.discovery.service import Discovery
+
+log = logging.getLogger("discovery")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="gorb-discovery",
+                                description="gorb's Consul registration and configuration store")
+    config.add_arguments(p)
+    p.add_argument("--runtime-dir", help="directory of the ipc sockets (gorb.runtime_dir)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        cfg = config.from_args(args)
+        logging.getLogger().setLevel(cfg.gorb.log_level.upper())
+        disc = Discovery(cfg.discovery, zmq.Context.instance(),
+                         args.runtime_dir or cfg.gorb.runtime_dir)
+    except (config.ConfigError, TransportError, ValueError) as exc:
+        p.exit(2, f"gorb-discovery: {exc}\n")
+    loops = disc.loops()
+    for g in loops:
+        g.start()
+    gevent.signal_handler(signal.SIGTERM, gevent.killall, loops)
+    gevent.signal_handler(signal.SIGINT, gevent.killall, loops)
+    gevent.joinall(loops, raise_error=False, count=1)
+    crashed = [g for g in loops if g.dead and not g.successful()]
+    for g in crashed:
+        log.error("loop %s crashed: %r; exiting for supervisord to restart discovery",
+                  g.name, g.exception)
+    gevent.killall(loops)
+    return 70 if crashed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,424 @@
+"""The discovery process (``python -m services.discovery``) against a real writer loop on a fake
+kernel and the Consul double: registrations and checks, the agent losing them, Consul going away
+and coming back, and the Consul KV configuration store in both directions.
+
+Harness: ``WriterLoop`` in a thread over ipc:// sockets in a short /tmp runtime dir (as
+test_writer_bus.py), ``ConsulDouble`` on a free port, discovery as a child process with a TOML
+config (check_interval 0.5 s, retry_max 1 s). ``Host.writer`` sends what the API would send.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import zmq
+
+from common import runtime, store_messages
+from common.envelope import Envelope, encode
+from common.transport import Pusher, RequestClient
+from services.ipvs_writer import state
+from services.ipvs_writer.engine import Engine
+from services.ipvs_writer.loop import WriterLoop
+from tests.consul_double import ConsulDouble
+from tests.service.fake_kernel import FakeKernel
+
+pytestmark = pytest.mark.timeout(40)
+
+ROOT = Path(__file__).resolve().parents[2]
+OK = {"ok": True, "errno": "ok", "reason": "", "data": None}
+
+
+class Writer:
+    """One writer process's objects, its loop in a thread (as tests/service/test_writer_bus.py)."""
+
+    def __init__(self, rundir: str, state_file: Path):
+        self.ctx = zmq.Context()
+        self.kernel = FakeKernel()
+        self.engine = Engine(state.load(state_file), self.kernel,
+                             lambda s: state.save(state_file, s))
+        self.engine.start()
+        self.loop = WriterLoop(self.engine, self.ctx, rundir, 3600.0)
+        self.endpoint = runtime.endpoint(rundir, runtime.WRITER)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="writer-loop", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.loop.run()
+        except BaseException as exc:
+            self.error = exc
+
+    def stop(self) -> None:
+        self.loop.running = False
+        with self.ctx.socket(zmq.DEALER) as waker:
+            waker.setsockopt(zmq.LINGER, 0)
+            waker.connect(self.endpoint)
+            waker.send(encode(Envelope.new("service.list", {}, "test-stop")))
+            self.thread.join(5)
+        self.loop.close()
+        self.ctx.destroy(linger=0)
+        assert self.error is None, self.error
+
+
+class Host:
+    """One gorb host: a writer, a discovery process, and clients for both."""
+
+    def __init__(self, base: Path, name: str, discovery: dict, start: bool = True):
+        self.dir = base / name
+        self.dir.mkdir()
+        self.rundir = str(runtime.ensure_runtime_dir(self.dir / "run", 0o700))
+        self.writer_objs = Writer(self.rundir, self.dir / "state.json")
+        self.ctx = zmq.Context()
+        self.writer = RequestClient(self.ctx, runtime.endpoint(self.rundir, runtime.WRITER),
+                                    "test", timeout=5.0)
+        self.control = RequestClient(self.ctx, store_messages.endpoint(self.rundir), "test-api",
+                                     timeout=10.0)
+        self.config = self.dir / "gorb.toml"
+        lines = ["[gorb]", 'log_level = "debug"', "[discovery]"]
+        lines += [f"{k} = {json.dumps(v)}" for k, v in {"hostname": name, "check_interval": 0.5,
+                                                       "retry_max": 1.0, **discovery}.items()]
+        self.config.write_text("\n".join(lines) + "\n")
+        self.log = self.dir / "discovery.log"
+        self.proc: subprocess.Popen | None = None
+        if start:
+            self.start()
+
+    def start(self) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("GORB_", "CONSUL_"))}
+        env["PYTHONPATH"] = str(ROOT)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "services.discovery", "--config", str(self.config),
+             "--runtime-dir", self.rundir], cwd=ROOT, env=env,
+            stdout=subprocess.DEVNULL, stderr=self.log.open("ab"))
+
+    def views(self) -> dict:
+        reply = self.writer.request("state.dump", {})
+        assert reply["ok"], reply
+        return reply["data"]["services"]
+
+    def ask(self, type_: str, body: dict) -> dict:
+        return self.control.request(type_, body)
+
+    def close(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                assert self.proc.wait(5) == 0, f"discovery exited {self.proc.returncode}"
+            finally:
+                if self.proc.poll() is None:
+                    self.proc.kill()
+        self.writer.close()
+        self.control.close()
+        self.ctx.destroy(linger=0)
+        self.writer_objs.stop()
+
+
+def eventually(check, timeout: float = 8.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            got = check()
+        except AssertionError as exc:
+            last = exc
+            got = None
+        if got:
+            return got
+        time.sleep(0.05)
+    raise AssertionError(f"{what} not met within {timeout}s (last: {last})")
+
+
+@pytest.fixture
+def base():
+    d = Path(tempfile.mkdtemp(prefix="gorb-d-", dir="/tmp"))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def consul():
+    double = ConsulDouble(jitter=False).start()
+    yield double
+    double.stop()
+
+
+@pytest.fixture
+def hosts(base):
+    made: list[Host] = []
+
+    def make(name="lb1", **discovery) -> Host:
+        h = Host(base, name, discovery)
+        made.append(h)
+        return h
+
+    yield make
+    failures = []
+    for h in made:
+        try:
+            h.close()
+        except Exception as exc:  # close every host before reporting
+            failures.append(exc)
+        # pytest shows the captured output of failed tests only
+        sys.stderr.write(f"--- discovery log of {h.dir.name} ---\n{h.log.read_text()}")
+    if failures:
+        raise failures[0]
+
+
+def svc(vs, host, port=80, **opts):
+    return {"service": vs, "options": {"host": host, "port": port, **opts}}
+
+
+def be(vs, rs, host, port=8080, **opts):
+    return {"service": vs, "backend": rs, "options": {"host": host, "port": port, **opts}}
+
+
+def mark_health(h: Host, vs: str, rs_status: dict[str, str]) -> None:
+    """Push pulse results for backends of ``vs`` through the writer's PUSH socket."""
+    targets = h.writer.request("pulse.targets", {"worker": 0, "workers": 1})["data"]["targets"]
+    view = h.views()[vs]
+    results = []
+    for rs, status in rs_status.items():
+        b = view["backends"][rs]
+        key = next(t["key"] for t in targets
+                   if t["address"] == b["address"] and t["port"] == b["options"]["port"])
+        results.append({"key": key, "ok": status == "up", "status": status, "at": time.time()})
+    with Pusher(h.ctx, runtime.endpoint(h.rundir, runtime.HEALTH), "test-pulse") as p:
+        p.send("health.results", {"worker": 0, "full": False, "results": results})
+
+
+# --- registration ---------------------------------------------------------------------------------
+
+def test_registration_follows_services_and_health(consul, hosts):
+    h = hosts(consul=consul.url)
+    assert h.writer.request("service.create", svc("web", "10.0.0.1", method="rr")) == OK
+    for rs, ip in (("a", "10.1.0.1"), ("b", "10.1.0.2")):
+        assert h.writer.request("backend.create", be("web", rs, ip)) == OK
+    assert h.writer.request("service.create", svc("dns", "10.0.0.2", 53, protocol="udp")) == OK
+
+    def registered():
+        s = consul.services
+        return "web" in s and "dns" in s and s
+    s = eventually(registered, what="registrations")
+    web = s["web"]
+    assert (web["ID"], web["Service"], web["Address"], web["Port"]) == ("web", "web",
+                                                                        "10.0.0.1", 80)
+    assert sorted(web["Tags"]) == ["gorb", "rr", "tcp"]
+    assert web["Meta"] == {"protocol": "tcp", "scheduler": "rr", "gorb_host": "lb1"}
+    assert sorted(s["dns"]["Tags"]) == ["gorb", "udp", "wrr"]
+    checks = consul.checks
+    assert checks["service:web"]["Status"] == "passing"      # backends not checked yet
+    assert checks["service:dns"]["Status"] == "critical"     # no backends at all
+
+    def status(sid="service:web"):
+        return consul.checks[sid]["Status"]
+    mark_health(h, "web", {"a": "down"})
+    eventually(lambda: status() == "warning", what="warning with one backend down")
+    assert "down: a" in consul.checks["service:web"]["Output"]
+    mark_health(h, "web", {"b": "down"})
+    eventually(lambda: status() == "critical", what="critical with every backend down")
+    mark_health(h, "web", {"a": "up", "b": "up"})
+    eventually(lambda: status() == "passing", what="passing again")
+
+    assert h.writer.request("service.delete", {"service": "dns"}) == OK
+    eventually(lambda: "dns" not in consul.services and "web" in consul.services,
+               what="deregistration")
+    assert "service:dns" not in consul.checks
+
+
+def test_checks_stay_fresh_and_lost_registrations_come_back(consul, hosts):
+    h = hosts(consul=consul.url)
+    assert h.writer.request("service.create", svc("web", "10.0.0.1")) == OK
+    assert h.writer.request("backend.create", be("web", "a", "10.1.0.1")) == OK
+    eventually(lambda: "web" in consul.services)
+    time.sleep(2.5)  # more than the 2 s TTL: only refreshes keep it passing
+    assert consul.checks["service:web"]["Status"] == "passing"
+    consul.forget_agent()
+    assert consul.services == {}
+    eventually(lambda: "web" in consul.services and "service:web" in consul.checks,
+               what="re-registration after the agent forgot")
+    assert consul.checks["service:web"]["Status"] == "passing"
+
+
+def test_consul_outage_blocks_nothing_and_is_caught_up(consul, hosts):
+    h = hosts(consul=consul.url, kv_prefix="gorb")
+    assert h.writer.request("service.create", svc("web", "10.0.0.1")) == OK
+    eventually(lambda: "web" in consul.services and "gorb/services/web" in consul.kv)
+    consul.stop()
+    t0 = time.monotonic()
+    assert h.writer.request("service.create", svc("api", "10.0.0.2", 443)) == OK
+    assert h.writer.request("backend.create", be("api", "a", "10.1.0.5")) == OK
+    assert h.writer.request("service.delete", {"service": "web"}) == OK
+    assert time.monotonic() - t0 < 1.0  # the writer never waits for Consul
+    status = h.ask("store.status", {})
+    assert status["ok"] is False and status["errno"] == "unavailable"
+    time.sleep(2.0)
+    assert h.proc.poll() is None  # discovery is still running
+    consul.start()
+    t1 = time.monotonic()
+    eventually(lambda: set(consul.services) == {"api"}, what="registrations caught up")
+    eventually(lambda: set(consul.kv) == {"gorb/format", "gorb/services/api",
+                                          "gorb/backends/api/a"}, what="KV caught up")
+    assert time.monotonic() - t1 < 5.0
+    assert h.ask("store.status", {})["data"]["status"] == "ok"
+
+
+# --- the Consul KV store --------------------------------------------------------------------------
+
+def kv_put(consul: ConsulDouble, key: str, doc) -> None:
+    import consul as client
+    c = client.Consul(host=consul.host, port=consul.port)
+    assert c.kv.put(key, json.dumps(doc) if not isinstance(doc, bytes) else doc)
+
+
+def kv_delete(consul: ConsulDouble, key: str, recurse: bool = False) -> None:
+    import consul as client
+    client.Consul(host=consul.host, port=consul.port).kv.delete(key, recurse=recurse)
+
+
+def test_kv_documents_become_writer_commands(consul, hosts):
+    h = hosts(consul=consul.url, kv_prefix="gorb")
+    kv_put(consul, "gorb/services/web", {"host": "10.0.0.1", "port": 80, "protocol": "TCP"})
+    kv_put(consul, "gorb/backends/web/a", {"host": "10.1.0.1", "port": 8080, "weight": 7})
+    kv_put(consul, "gorb/services/bad", {"port": 80, "protocol": "icmp"})
+    views = eventually(lambda: "web" in h.views() and h.views()["web"]["backends"] and h.views(),
+                       what="the writer has the KV service")
+    assert views["web"]["options"]["protocol"] == "tcp"
+    assert views["web"]["backends"]["a"]["options"]["weight"] == 7
+    assert "bad" not in views
+    key = (2, 6, "10.0.0.1", 80, 0)
+    assert key in h.writer_objs.kernel.table
+    assert h.writer_objs.kernel.table[key].dests[("10.1.0.1", 8080)].weight == 7
+    # a weight change in KV is a backend.update; a scheduler change a service.update
+    kv_put(consul, "gorb/backends/web/a", {"host": "10.1.0.1", "port": 8080, "weight": 3})
+    kv_put(consul, "gorb/services/web", {"host": "10.0.0.1", "port": 80, "method": "rr"})
+    eventually(lambda: h.writer_objs.kernel.table[key].dests[("10.1.0.1", 8080)].weight == 3
+               and h.writer_objs.kernel.table[key].sched == "rr", what="KV updates applied")
+    status = h.ask("store.status", {})["data"]
+    assert status["status"] == "ok"
+    assert [e["object"] for e in status["errors"]] == ["gorb/services/bad"]
+    # the round trip is stable: nothing written back to KV, nothing re-applied to the kernel
+    time.sleep(0.5)
+    kv_writes = [r for r in consul.requests if r.method != "GET" and "/kv/" in r.path]
+    applied = len(h.writer_objs.kernel.applied)
+    time.sleep(1.5)
+    assert [r for r in consul.requests if r.method != "GET" and "/kv/" in r.path] == kv_writes
+    assert len(kv_writes) == 5  # the test's own puts
+    assert len(h.writer_objs.kernel.applied) == applied
+    kv_delete(consul, "gorb/backends/web/a")
+    eventually(lambda: not h.views()["web"]["backends"], what="KV backend delete applied")
+
+
+def test_rest_changes_are_written_back_with_cas(consul, hosts):
+    h = hosts(consul=consul.url, kv_prefix="gorb")
+    assert h.writer.request("service.create", svc("web", "10.0.0.1")) == OK
+    assert h.writer.request("backend.create", be("web", "a", "10.1.0.1")) == OK
+    eventually(lambda: "gorb/backends/web/a" in consul.kv, what="write-back")
+    doc = json.loads(consul.kv["gorb/services/web"])
+    assert (doc["host"], doc["port"], doc["protocol"], doc["method"]) == ("10.0.0.1", 80,
+                                                                          "tcp", "wrr")
+    assert json.loads(consul.kv["gorb/backends/web/a"])["weight"] == 100
+    puts = [r for r in consul.requests if r.method == "PUT" and r.path.startswith("/v1/kv/gorb/")]
+    assert puts and all("cas" in r.query for r in puts)
+    assert h.writer.request("backend.update", {"service": "web", "backend": "a",
+                                               "weight": 0}) == OK
+    eventually(lambda: json.loads(consul.kv["gorb/backends/web/a"])["weight"] == 0,
+               what="PATCH weight written back")
+    assert h.writer.request("service.delete", {"service": "web"}) == OK
+    eventually(lambda: set(consul.kv) == {"gorb/format"}, what="delete written back")
+    # the writer keeps nothing extra and the store is quiet
+    assert h.ask("store.status", {})["data"]["status"] == "ok"
+
+
+def test_two_hosts_share_the_configuration(consul, hosts):
+    # one agent for both hosts (a test bed): one registration per host, none fought over
+    a = hosts("lb1", consul=consul.url, kv_prefix="gorb", id_format="{service}@{host}")
+    b = hosts("lb2", consul=consul.url, kv_prefix="gorb", id_format="{service}@{host}")
+    assert a.writer.request("service.create", svc("web", "10.0.0.1")) == OK
+    assert a.writer.request("backend.create", be("web", "x", "10.1.0.1")) == OK
+    assert a.writer.request("service.create", svc("api", "10.0.0.2")) == OK
+    eventually(lambda: set(b.views()) == {"web", "api"} and b.views()["web"]["backends"],
+               what="lb2 has lb1's services")
+    assert b.writer.request("backend.create", be("web", "y", "10.1.0.2")) == OK
+    eventually(lambda: set(a.views()["web"]["backends"]) == {"x", "y"}, what="lb1 has lb2's")
+    assert a.writer.request("service.delete", {"service": "web"}) == OK
+    eventually(lambda: set(b.views()) == {"api"}, what="the delete reached lb2")
+    time.sleep(0.5)
+    assert set(a.views()) == {"api"} and "gorb/services/web" not in consul.kv
+    eventually(lambda: set(consul.services) == {"api@lb1", "api@lb2"})
+    registers = [r for r in consul.requests if r.path == "/v1/agent/service/register"]
+    time.sleep(1.2)  # two full cycles each: nothing re-registered
+    assert [r for r in consul.requests if r.path == "/v1/agent/service/register"] == registers
+
+
+def test_an_emptied_prefix_does_not_empty_the_writer_unless_forced(consul, hosts):
+    h = hosts(consul=consul.url, kv_prefix="gorb")
+    for i in (1, 2, 3):
+        kv_put(consul, f"gorb/services/s{i}", {"host": f"10.0.0.{i}", "port": 80})
+    eventually(lambda: set(h.views()) == {"s1", "s2", "s3"})
+    kv_delete(consul, "gorb/", recurse=True)
+
+    def refused():
+        data = h.ask("store.status", {})["data"]
+        return data["status"] == "refused" and data
+    data = eventually(refused, what="refused status")
+    assert "the store is empty" in data["refused"]
+    assert sorted(data["services"]["delete"]) == ["s1", "s2", "s3"]
+    time.sleep(1.0)
+    assert set(h.views()) == {"s1", "s2", "s3"}  # the kernel keeps its services
+    reply = h.ask("store.sync", {"force": False})
+    assert reply["ok"] is False and reply["errno"] == "invalid"
+    assert reply["reason"].startswith("sync refused: the store is empty")
+    assert reply["data"]["status"] == "refused" and reply["data"]["applied"] == []
+    reply = h.ask("store.sync", {"force": True})
+    assert reply["ok"] is True and reply["data"]["status"] == "ok"
+    assert sorted(c["service"] for c in reply["data"]["applied"]) == ["s1", "s2", "s3"]
+    assert {c["op"] for c in reply["data"]["applied"]} == {"service.delete"}
+    assert h.views() == {}
+
+
+def test_control_socket(consul, hosts):
+    h = hosts(consul=consul.url, kv_prefix="gorb")
+    assert h.writer.request("service.create", svc("web", "10.0.0.1")) == OK
+    eventually(lambda: "gorb/services/web" in consul.kv)
+    kv_put(consul, "gorb/services/web", {"host": "10.0.0.1", "port": 80, "method": "lc"})
+    kv_put(consul, "gorb/services/api", {"host": "10.0.0.2", "port": 443})
+    reply = h.ask("store.sync", {})
+    assert reply["ok"] is True, reply
+    assert reply["data"]["status"] in ("ok",)
+    eventually(lambda: h.views()["web"]["options"]["method"] == "lc" and "api" in h.views())
+    status = h.ask("store.status", {})
+    assert status["ok"] and status["data"] == {
+        "status": "ok", "store": f"{consul.url}/v1/kv/gorb/",
+        "services": {"create": [], "update": [], "delete": []},
+        "backends": {"create": [], "update": [], "delete": []},
+        "writes": {"put": [], "delete": []}, "refused": None, "errors": []}
+    bad = h.ask("store.sync", {"force": "yes"})
+    assert bad["ok"] is False and bad["errno"] == "invalid"
+    assert h.ask("store.nope", {})["errno"] == "invalid"
+
+
+def test_registration_only_has_no_store(consul, hosts):
+    h = hosts(consul=consul.url)
+    for type_ in ("store.sync", "store.status"):
+        assert h.ask(type_, {}) == {"ok": False, "errno": "not_found",
+                                    "reason": "unable to locate specified object", "data": None}
+
+
+def test_a_url_without_scheme_is_a_config_error(base):
+    cfg = base / "gorb.toml"
+    cfg.write_text('[discovery]\nconsul = "127.0.0.1:8500"\n')
+    out = subprocess.run([sys.executable, "-m", "services.discovery", "--config", str(cfg),
+                          "--runtime-dir", str(base / "run")], cwd=ROOT, capture_output=True,
+                         text=True, timeout=20, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 2
+    assert "has no scheme: write it as a URL, e.g. http://127.0.0.1:8500" in out.stderr
