@@ -1,11 +1,18 @@
-"""The REST API's routes: GORB's (gorb-spec §2.2) plus PATCH /service/<vs>, /health, /metrics and
-/openapi.json. Each route validates what it can without state, sends one request to the writer and
-turns the reply into a response; the app keeps nothing between requests.
+"""The REST API's routes: GORB's (gorb-spec §2.2) plus PATCH /service/<vs>, /health, /metrics,
+/openapi.json and qk4l's /store/sync and /store/sync/status. Each route validates what it can
+without state, sends one request to the writer (the store routes: to discovery's control socket,
+``discovery_client``) and turns the reply into a response; the app keeps nothing between requests.
 
 Responses:
 
     PUT / PATCH / DELETE   200 with an empty body (GORB), no Content-Type
     GET                    200 JSON (GORB's tab-indented shapes, ``views``)
+    GET /store/sync[?force=true]   200 discovery's SyncResult {"status": "ok" | "partial",
+                           "applied", "errors", "refused": null}; 400 the sync was refused (the
+                           safety rule) or ``force`` is not a boolean; 404 no store configured
+                           (known from ``[discovery]``, without asking discovery); 503 discovery
+                           not running or not answering, or the writer or Consul not answering it
+    GET /store/sync/status 200 discovery's StoreStatus (a dry run); 404 / 503 as above
     errors                 {"error": "<text>"} with the status of ``common.errors.HTTP_STATUS``:
                            400 invalid, 404 unknown object, 409 exists, 500 kernel, 503 no writer;
                            404 unknown path, 405 known path with another method (with Allow),
@@ -14,6 +21,7 @@ Responses:
 This module is the one choke point where exceptions become responses: a ``GorbError`` becomes its
 status and text, ``WriterUnavailable`` a 503, anything else is logged with its traceback and
 answered 500 ``internal error`` — never a traceback on the wire, never a dropped connection.
+``DiscoveryUnavailable`` is a 503 as well.
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ from common import errors
 from common.errors import GorbError
 from common.validation import validate_backend, validate_object_id, validate_service
 from services.api import openapi, views
+from services.api.discovery_client import DiscoveryClient, DiscoveryUnavailable
 from services.api.metrics import WriterCollector
 from services.api.resolver import Resolver, is_ip, resolve_host
 from services.api.writer_client import WriterClient, WriterUnavailable
@@ -96,8 +105,9 @@ class Api:
     """The routes, bound to one writer client; ``app`` is the bottle application."""
 
     def __init__(self, client: WriterClient, resolve: Resolver = resolve_host,
-                 max_body: int = MAX_BODY):
+                 max_body: int = MAX_BODY, discovery: DiscoveryClient | None = None):
         self.client = client
+        self.discovery = discovery  # None: no store configured, the store routes answer 404
         self.resolve = resolve
         self.max_body = max_body
         self.registry = CollectorRegistry(auto_describe=False)
@@ -120,6 +130,8 @@ class Api:
         app.route("/health", "GET", self.health)
         app.route("/metrics", "GET", self.metrics)
         app.route("/openapi.json", "GET", self.openapi)
+        app.route("/store/sync", "GET", self.store_sync)
+        app.route("/store/sync/status", "GET", self.store_status)
         self._openapi = views.encode(openapi.document())
 
     # the choke point ---------------------------------------------------------------------------
@@ -134,7 +146,7 @@ class Api:
                 raise
             except GorbError as err:
                 return _error(views.status_of(err), err.reason)
-            except WriterUnavailable as exc:
+            except (WriterUnavailable, DiscoveryUnavailable) as exc:
                 log.warning("%s %s: %s", bottle.request.method, bottle.request.path, exc)
                 return _error(errors.HTTP_STATUS[errors.UNAVAILABLE], str(exc))
             except BodyTooLarge:
@@ -158,9 +170,10 @@ class Api:
             log.error("internal error: %s", err.traceback)
         return views.encode({"error": MSG_INTERNAL if err.status_code >= 500 else err.body})
 
-    def _ask(self, type_: str, body: dict[str, Any]) -> Any:
-        """The data of the writer's reply; a refusal raises it as a GorbError."""
-        reply = self.client.request(type_, body)
+    def _ask(self, type_: str, body: dict[str, Any], client: Any = None) -> Any:
+        """The data of the writer's (or ``client``'s) reply; a refusal raises it as a
+        GorbError."""
+        reply = (client or self.client).request(type_, body)
         if not reply["ok"]:
             errno = reply["errno"] if reply["errno"] in errors.HTTP_STATUS else errors.INTERNAL
             raise GorbError(errno, reply["reason"])
@@ -238,6 +251,22 @@ class Api:
         log.info("removing backend [%s/%s]", vs, rs)
         return _done()
 
+    # the configuration store (discovery) -------------------------------------------------------
+
+    def store_sync(self) -> Any:
+        """qk4l's "sync now": one store round in discovery, what it applied."""
+        force = _query_flag("force")
+        return _json(200, self._ask_discovery("store.sync", {"force": force}))
+
+    def store_status(self) -> Any:
+        """qk4l's dry run: what ``/store/sync`` would change, changing nothing."""
+        return _json(200, self._ask_discovery("store.status", {}))
+
+    def _ask_discovery(self, type_: str, body: dict[str, Any]) -> Any:
+        if self.discovery is None:
+            raise GorbError(errors.NOT_FOUND)  # qk4l without a store
+        return self._ask(type_, body, self.discovery)
+
     # the rest ----------------------------------------------------------------------------------
 
     def health(self) -> Any:
@@ -257,6 +286,20 @@ class Api:
 
 def _wire(opts: Any) -> dict[str, Any]:
     return msgspec.to_builtins(opts)
+
+
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off", "")
+
+
+def _query_flag(name: str) -> bool:
+    """A boolean query parameter (``?force=true``): true/1/yes/on, or false/0/no/off, empty or
+    absent; any other value is a 400."""
+    value = bottle.request.query.get(name)
+    if value is None or value.lower() in _FALSE:
+        return False
+    if value.lower() in _TRUE:
+        return True
+    raise GorbError(errors.INVALID, f"{name} must be true or false, not {value!r}")
 
 
 class AccessLog:
@@ -293,7 +336,8 @@ class AccessLog:
 
 
 def build(client: WriterClient, resolve: Resolver = resolve_host,
-          max_body: int = MAX_BODY) -> tuple[Api, Callable]:
-    """The API object and the WSGI application to serve."""
-    api = Api(client, resolve, max_body)
+          max_body: int = MAX_BODY,
+          discovery: DiscoveryClient | None = None) -> tuple[Api, Callable]:
+    """The API object and the WSGI application to serve; ``discovery`` only with a store."""
+    api = Api(client, resolve, max_body, discovery)
     return api, AccessLog(api.app)

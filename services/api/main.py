@@ -1,9 +1,10 @@
 """Entry point of ``gorb-api``: parse config, build the writer client and the app, serve, exit code.
 
 The process holds no state: every request is forwarded to ipvs-writer over
-``ipc://<runtime_dir>/writer.sock``. Exit codes: 0 on SIGTERM/SIGINT, 2 for a configuration
-problem or a listen address that cannot be bound, 70 when the writer-reply greenlet died of a bug
-(supervisord restarts the API).
+``ipc://<runtime_dir>/writer.sock`` (the /store routes, when ``[discovery]`` configures a store, to
+discovery over ``ipc://<runtime_dir>/discovery.sock``). Exit codes: 0 on SIGTERM/SIGINT, 2 for a
+configuration problem or a listen address that cannot be bound, 70 when a reply-reader greenlet
+died of a bug (supervisord restarts the API).
 
 gevent: ``python -m services.api`` monkey-patches in its entry module (``__main__``) before anything
 else is imported; this module only uses gevent's own APIs (pywsgi, zmq.green, gevent's resolver),
@@ -22,8 +23,9 @@ import zmq.green
 from gevent.pool import Pool
 from gevent.pywsgi import WSGIServer
 
-from common import config, runtime
+from common import config, runtime, store_messages
 from services.api.app import build
+from services.api.discovery_client import DiscoveryClient
 from services.api.resolver import Resolver, resolve_host
 from services.api.writer_client import WriterClient
 
@@ -66,7 +68,10 @@ def main(argv: list[str] | None = None, resolve: Resolver = resolve_host) -> int
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     ctx = zmq.green.Context()
     client = WriterClient(ctx, endpoint, cfg.api.writer_timeout)
-    _, wsgi = build(client, resolve)
+    discovery = None  # without a store the /store routes answer 404 without asking discovery
+    if cfg.discovery.kv_prefix or cfg.discovery.store_dir:
+        discovery = DiscoveryClient(ctx, store_messages.endpoint(cfg.gorb.runtime_dir))
+    _, wsgi = build(client, resolve, discovery=discovery)
     server = WSGIServer(config.parse_listen(cfg.api.listen), wsgi, log=None, error_log=log,
                         spawn=Pool())
     try:
@@ -74,6 +79,8 @@ def main(argv: list[str] | None = None, resolve: Resolver = resolve_host) -> int
     except OSError as exc:
         log.error("cannot listen on %s: %s", cfg.api.listen, exc)
         client.close()
+        if discovery is not None:
+            discovery.close()
         ctx.destroy(linger=0)
         return 2
     code = 0
@@ -84,12 +91,15 @@ def main(argv: list[str] | None = None, resolve: Resolver = resolve_host) -> int
 
     def reader_died(greenlet: gevent.Greenlet) -> None:
         nonlocal code
-        log.error("the writer-reply greenlet died: %r; exiting for supervisord to restart the "
-                  "API", greenlet.exception)
+        log.error("the %s greenlet died: %r; exiting for supervisord to restart the API",
+                  greenlet.name, greenlet.exception)
         code = 70
         stop("internal error")
 
     client.reader.link_exception(reader_died)
+    if discovery is not None:
+        discovery.reader.name = "discovery-replies"
+        discovery.reader.link_exception(reader_died)
     gevent.signal_handler(signal.SIGTERM, stop, "SIGTERM")
     gevent.signal_handler(signal.SIGINT, stop, "SIGINT")
     log.info("setting up HTTP server on %s (writer %s)", cfg.api.listen, endpoint)
@@ -97,6 +107,8 @@ def main(argv: list[str] | None = None, resolve: Resolver = resolve_host) -> int
         server.serve_forever(stop_timeout=STOP_TIMEOUT)
     finally:
         client.close()
+        if discovery is not None:
+            discovery.close()
         ctx.destroy(linger=0)
     return code
 

@@ -1,9 +1,10 @@
 """The OpenAPI 3.1 document served at ``GET /openapi.json``.
 
 Request bodies come from the model itself (``msgspec.json.schema_components`` of ServiceOptions and
-BackendOptions), so a field added to the model appears here without an edit; responses and errors
-are written out below. ``tests/service/test_api_wsgi.py`` walks the bottle routes and this document
-and fails when a route or method is missing from either side.
+BackendOptions), so a field added to the model appears here without an edit; so do the replies of
+the /store routes (discovery's ``SyncResult`` and ``StoreStatus`` of ``common.store_messages``);
+the other responses and errors are written out below. ``tests/service/test_api_wsgi.py`` walks the
+bottle routes and this document and fails when a route or method is missing from either side.
 
 What JSON Schema cannot say is said in the descriptions: keys match case-insensitively and unknown
 keys are ignored (GORB's Go decoder), and some rules span fields (``port`` is required unless
@@ -19,6 +20,7 @@ from typing import Any
 import msgspec
 
 from common.model import BackendOptions, ServiceOptions
+from common.store_messages import StoreStatus, SyncResult
 
 REF = "#/components/schemas/{name}"
 OBJECT_ID = r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}$"  # common.validation.validate_object_id
@@ -59,6 +61,19 @@ E413 = _error("The request body is over the limit (1 MiB).")
 E500 = _error("`error while calling into IPVS: ...` (the kernel refused the change), or "
               "`internal error` (a bug, logged with its traceback).")
 E503 = _error("ipvs-writer did not answer in time; retry later.")
+E400_SYNC = _error("`sync refused: <why>`: applying the store would delete more than "
+                   "`discovery.max_delete_share` of the services or backends, or anything at all "
+                   "while the store is empty; nothing was applied (`?force=true` overrides). Or "
+                   "`force` is not a boolean.")
+E404_STORE = _error("`unable to locate specified object`: no configuration store is configured "
+                    "(`discovery.kv_prefix` and `discovery.store_dir` are empty).")
+E503_STORE = _error("discovery is not running or did not answer (35 s), or the writer or the "
+                    "store (Consul) did not answer discovery; retry later.")
+FORCE = {"name": "force", "in": "query", "required": False,
+         "description": "Apply even if the safety rule would refuse the sync (deleting more than "
+                        "`discovery.max_delete_share`, or everything because the store is empty). "
+                        "`true`/`1`/`yes` or `false`/`0`/`no`.",
+         "schema": {"type": "boolean", "default": False}}
 
 VS = {"name": "vs", "in": "path", "required": True, "description": "Virtual service id.",
       "schema": {"type": "string", "pattern": OBJECT_ID}}
@@ -209,10 +224,39 @@ def _request_schemas(components: dict[str, Any]) -> None:
     components["BackendCreate"] = backend
 
 
+STORE_REPLIES = ("SyncResult", "StoreStatus", "Change", "ObjectError", "DiffLists", "WriteLists")
+CHANGE_OPS = ["service.create", "service.update", "service.delete", "backend.create",
+              "backend.update", "backend.delete", "store.put", "store.delete"]
+
+
+def _store_schemas(components: dict[str, Any]) -> None:
+    """The /store replies as sent: every field always present, the closed sets as enums."""
+    for name in STORE_REPLIES:
+        schema = components[name]
+        schema["required"] = list(schema["properties"])
+        for prop in schema["properties"].values():
+            prop.pop("default", None)
+    sync, status = components["SyncResult"], components["StoreStatus"]
+    sync["description"] = ("What one sync applied, in order (`applied`), and the objects it "
+                           "left as they were (`errors`): `partial` when there are any.")
+    sync["properties"]["status"]["enum"] = ["ok", "partial"]
+    sync["properties"]["refused"] = {"type": "null"}
+    status["description"] = ("A dry run of `/store/sync`: what it would change in gorb "
+                             "(`services`, `backends`: store -> writer) and write back to the "
+                             "store (`writes`: gorb -> Consul KV, keys relative to the prefix).")
+    status["properties"]["status"]["enum"] = ["ok", "need sync", "refused"]
+    status["properties"]["store"]["description"] = ("consul URL /v1/kv/<prefix>/, or "
+                                                    "file://<store_dir>")
+    components["Change"]["properties"]["op"]["enum"] = list(CHANGE_OPS)
+    components["ObjectError"]["description"] = ("A store key or file, or a gorb object, left "
+                                                "alone, and why.")
+
+
 def document() -> dict[str, Any]:
-    _, components = msgspec.json.schema_components((ServiceOptions, BackendOptions),
-                                                   ref_template=REF)
+    _, components = msgspec.json.schema_components(
+        (ServiceOptions, BackendOptions, SyncResult, StoreStatus), ref_template=REF)
     _request_schemas(components)
+    _store_schemas(components)
     components.update(copy.deepcopy(HAND_WRITTEN))
     writer_errors = {"500": E500, "503": E503}
     paths = {
@@ -268,6 +312,17 @@ def document() -> dict[str, Any]:
                                        "did not answer.",
                         "content": {"text/plain": {"schema": {"type": "string"}}}},
                 "500": E500}, op_id="metrics"),
+        },
+        "/store/sync": {
+            "get": _operation("Apply the configuration store now (qk4l)", {
+                "200": _ok_json("The sync ran; what it applied.", _ref("SyncResult")),
+                "400": E400_SYNC, "404": E404_STORE, "500": E500, "503": E503_STORE},
+                params=[FORCE], op_id="storeSync"),
+        },
+        "/store/sync/status": {
+            "get": _operation("What a store sync would change (qk4l's dry run)", {
+                "200": _ok_json("The diff; nothing was changed.", _ref("StoreStatus")),
+                "404": E404_STORE, "500": E500, "503": E503_STORE}, op_id="storeSyncStatus"),
         },
         "/openapi.json": {
             "get": _operation("This document", {

@@ -22,8 +22,8 @@ TEMPLATE = REPO / "supervisord" / "supervisord.conf.in"
 DEFAULT_LOG_DIR = "/var/log/gorb"
 DEFAULT_RUNTIME_DIR = GorbSection().runtime_dir
 STATE_FILE_NAME = "state.json"  # inside --state-dir
-# Programs the template starts today; pulse-worker (issue 4) and discovery (issue 5) are commented.
-PROGRAMS = ("ipvs-writer", "api", "pulse-worker")
+# The programs of the template, in start order (pulse-worker is a group of pulse.workers processes).
+PROGRAMS = ("ipvs-writer", "api", "pulse-worker", "discovery")
 
 
 @dataclass(frozen=True)

@@ -46,8 +46,8 @@ check "GET /health through 127.0.0.1:$PORT answers 200 (after ${ready:-never})" 
 t1=$(now)
 status=$(.venv/bin/gorb ctl --runtime-dir "$work/run" status 2>&1)
 echo "$status"
-check "gorb ctl status: ipvs-writer and api RUNNING ($(since "$t1"))" \
-  '[ "$(echo "$status" | grep -c RUNNING)" = 2 ]'
+check "gorb ctl status: writer, api, 2 pulse workers and discovery RUNNING ($(since "$t1"))" \
+  '[ "$(echo "$status" | grep -c RUNNING)" = 5 ]'
 check "plain supervisorctl -c <runtime-dir>/supervisord.conf works too" \
   '.venv/bin/supervisorctl -c "$work/run/supervisord.conf" pid | grep -Eq "^[0-9]+$"'
 code=$(curl -s -m 10 -o "$work/put" -w '%{http_code}' -X PUT -H 'Content-Type: application/json' \

@@ -37,8 +37,9 @@ from tests.sandbox import topology
 from tests.sandbox.conftest import REPO, ipvsadm, sh
 from tests.sandbox.topology import BACKEND_PORT, VIP, VIP_PORT
 
-# What `gorb run` supervises with the default pulse.workers = 2 (discovery comes with issue 5).
-PROGRAMS = ["api", "ipvs-writer", "pulse-worker_00", "pulse-worker_01"]
+# What `gorb run` supervises with the default pulse.workers = 2; discovery runs (idle) even with
+# nothing configured in [discovery].
+PROGRAMS = ["api", "discovery", "ipvs-writer", "pulse-worker_00", "pulse-worker_01"]
 API_PORT = 4672
 
 

@@ -53,12 +53,13 @@ def test_rendered_config_is_what_supervisord_runs(tmp_path):
     assert [(s["family"] == 1, s["file"], s["chmod"]) for s in sv.server_configs] == \
         [(True, f"{lay.runtime_dir}/supervisor.sock", 0o770)]  # AF_UNIX only: no TCP
     progs = programs(opts)
-    assert list(conf.PROGRAMS) == ["ipvs-writer", "api", "pulse-worker"]
+    assert list(conf.PROGRAMS) == ["ipvs-writer", "api", "pulse-worker", "discovery"]
     workers = [f"pulse-worker_{i:02d}" for i in range(config.Config().pulse.workers)]
-    assert list(progs) == ["ipvs-writer", "api", *workers]
+    assert list(progs) == ["ipvs-writer", "api", *workers, "discovery"]
     expected = [("ipvs-writer", "ipvs_writer", 10, ""), ("api", "api", 20, "")]
     expected += [(w, "pulse_worker", 30, f" --index {i} --workers {len(workers)}")
                  for i, w in enumerate(workers)]
+    expected += [("discovery", "discovery", 40, "")]
     for name, module, priority, extra in expected:
         prio, p = progs[name]
         assert prio == priority
@@ -85,16 +86,17 @@ def test_supervisorctl_finds_the_socket(tmp_path):
 
 
 @pytest.mark.parametrize("workers", [1, 2, 7])
-def test_pulse_workers_from_config_and_discovery_commented(tmp_path, workers):
+def test_pulse_workers_from_config_and_discovery_after_them(tmp_path, workers):
     cfg = config.Config()
     cfg.pulse.workers = workers
     text = conf.render(cfg, layout(tmp_path))
     names = [f"pulse-worker_{i:02d}" for i in range(workers)]
     progs = programs(server_options(text, tmp_path))
-    assert list(progs) == ["ipvs-writer", "api", *names]
+    assert list(progs) == ["ipvs-writer", "api", *names, "discovery"]
     assert [progs[n][1].command.split("--index ")[1] for n in names] == \
         [f"{i} --workers {workers}" for i in range(workers)]
-    assert "\n;[program:discovery]\n" in text and "\n[program:pulse-worker]\n" in text
+    assert "\n[program:discovery]\n" in text and "\n[program:pulse-worker]\n" in text
+    assert progs["discovery"][0] > max(progs[n][0] for n in names)  # started last
 
 
 def test_ctl_inet_adds_a_tcp_server(tmp_path):
