@@ -426,8 +426,10 @@ class Engine:
                     backend = record.backends.get(rsid) if record else None
                     if backend is None:
                         continue
-                    new = _health_after(backend.health, outcome, msg.full, now,
-                                        slow_start(record, backend))
+                    h = backend.health
+                    if outcome.status == UP and h.status == UP and h.level >= 1.0:
+                        continue  # nearly every result: nothing moves, skip the slow-start lookup
+                    new = _health_after(h, outcome, msg.full, now, slow_start(record, backend))
                     if new == backend.health:
                         continue
                     if new.status != backend.health.status:
