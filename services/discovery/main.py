@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
 
-import gevent
 import zmq.green as zmq
 
-from common import config
+from common import config, loops
 from common.transport import TransportError
 from services.discovery.service import Discovery
 
@@ -37,18 +35,7 @@ def main(argv: list[str] | None = None) -> int:
                          args.runtime_dir or cfg.gorb.runtime_dir)
     except (config.ConfigError, TransportError, ValueError) as exc:
         p.exit(2, f"gorb-discovery: {exc}\n")
-    loops = disc.loops()
-    for g in loops:
-        g.start()
-    gevent.signal_handler(signal.SIGTERM, gevent.killall, loops)
-    gevent.signal_handler(signal.SIGINT, gevent.killall, loops)
-    gevent.joinall(loops, raise_error=False, count=1)
-    crashed = [g for g in loops if g.dead and not g.successful()]
-    for g in crashed:
-        log.error("loop %s crashed: %r; exiting for supervisord to restart discovery",
-                  g.name, g.exception)
-    gevent.killall(loops)
-    return 70 if crashed else 0
+    return loops.run(disc.loops(), log, "discovery")
 
 
 if __name__ == "__main__":

@@ -11,13 +11,11 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
-import signal
 import sys
 
-import gevent
 import zmq.green as zmq
 
-from common import config, runtime
+from common import config, loops, runtime
 from common.transport import Pusher, RequestClient, Subscriber
 from services.pulse_worker.worker import Worker
 
@@ -54,18 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         Pusher(ctx, runtime.endpoint(rundir, runtime.HEALTH), f"pulse-{args.index}"),
         Subscriber(ctx, runtime.endpoint(rundir, runtime.EVENTS), ("pulse.",)))
     gc.set_threshold(*GC_THRESHOLDS)
-    loops = worker.loops()
-    for g in loops:
-        g.start()
-    gevent.signal_handler(signal.SIGTERM, gevent.killall, loops)
-    gevent.signal_handler(signal.SIGINT, gevent.killall, loops)
-    gevent.joinall(loops, raise_error=False, count=1)
-    crashed = [g for g in loops if g.dead and not g.successful()]
-    for g in crashed:
-        log.error("loop %s crashed: %r; exiting for supervisord to restart the worker",
-                  g.name, g.exception)
-    gevent.killall(loops)
-    return 70 if crashed else 0
+    return loops.run(worker.loops(), log, "the worker")
 
 
 if __name__ == "__main__":
