@@ -48,6 +48,7 @@ from services.ipvs_writer.targets import (
     effective_pulse,
     slow_start,
     targets,
+    update_targets,
 )
 from services.ipvs_writer.weights import UNKNOWN, UP, Health, held_in, transition, weight
 
@@ -359,7 +360,7 @@ class Engine:
         log.debug("batch of %d: persist %.1f ms, plan+apply %d ops %.1f ms", len(requests),
                   (t1 - t0) * 1e3, len(ops), (time.perf_counter() - t1) * 1e3)
         if all(r is None for r in results):
-            self._commit(services)
+            self._commit(services, touched)
             return [(messages.fail(s), []) if isinstance(s, GorbError) else
                     (messages.ok(), s.events) for s in staged]
         self._restore(before, touched, ops, results)
@@ -380,14 +381,15 @@ class Engine:
         results = self.kernel.apply(ops)
         failed = [r for r in results if r is not None]
         if not failed:
-            self._commit(draft.services)
+            self._commit(draft.services, {st.touched})
             return messages.ok(), st.events
         self._restore(before, {st.touched}, ops, results)
         return messages.fail(_kernel_error(failed[0])), []
 
-    def _commit(self, services: Services) -> None:
-        self.services = services
-        self._targets = None
+    def _commit(self, services: Services, touched: set[str]) -> None:
+        before, self.services = self.services, services
+        if self._targets is not None:  # only the touched services' targets can have moved
+            update_targets(self._targets, before, services, touched)
         self.targets_changed = True
         gone = [m for m in self.observed
                 if m[0] not in services or m[1] not in services[m[0]].backends]

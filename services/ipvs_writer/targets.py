@@ -62,3 +62,25 @@ def targets(services: Services) -> dict[str, TargetGroup]:
                 group = out[t.key] = TargetGroup(t)
             group.members.append((vsid, rsid))
     return out
+
+
+def update_targets(groups: dict[str, TargetGroup], old: Services, new: Services,
+                   vsids: set[str]) -> None:
+    """Bring ``groups`` (built from ``old``) up to ``new``, looking only at the services in
+    ``vsids``: a change costs the size of the services it touched, not of the whole state."""
+    for vsid in vsids:
+        for rsid, backend in (old[vsid].backends.items() if vsid in old else ()):
+            t = backend_target(old[vsid], backend)
+            group = groups.get(t.key) if t is not None else None
+            if group is not None and (vsid, rsid) in group.members:
+                group.members.remove((vsid, rsid))
+                if not group.members:
+                    del groups[t.key]
+        for rsid, backend in (new[vsid].backends.items() if vsid in new else ()):
+            t = backend_target(new[vsid], backend)
+            if t is None:
+                continue
+            group = groups.get(t.key)
+            if group is None:
+                group = groups[t.key] = TargetGroup(t)
+            group.members.append((vsid, rsid))

@@ -623,3 +623,25 @@ def test_a_freed_backend_endpoint_can_be_reused(steps):
         assert [r for r, _ in answers] == [OK] * len(batch)
     assert set(engine.services["web"].backends) == {"b"}
     assert kernel_matches_desired(engine, kernel)
+
+
+def test_the_target_table_is_updated_in_place_and_equals_a_rebuild():
+    """Commits update only the touched services' targets; the result equals a full rebuild."""
+    from services.ipvs_writer.targets import targets as rebuild
+
+    kernel = FakeKernel()
+    engine = Engine({}, kernel, lambda s: None)
+    engine.handle_batch([("service.create", {"service": f"s{i}", "options": {
+        "host": f"10.0.0.{i + 1}", "port": 80}}) for i in range(3)])
+    engine.targets()  # build the cache
+    reqs = [("backend.create", {"service": f"s{i % 3}", "backend": f"b{i}", "options": {
+        "host": f"10.1.0.{i % 4 + 1}", "port": 8080}}) for i in range(12)]
+    engine.handle_batch(reqs)
+    engine.handle_batch([("backend.delete", {"service": "s0", "backend": "b0"}),
+                         ("service.delete", {"service": "s2"}),
+                         ("backend.create", {"service": "s1", "backend": "x", "options": {
+                             "host": "10.1.0.9", "port": 8080, "pulse": {"type": "none"}}})])
+    cached = {k: sorted(g.members) for k, g in engine.targets().items()}
+    fresh = {k: sorted(g.members) for k, g in rebuild(engine.services).items()}
+    assert cached == fresh
+    assert any(len(m) > 1 for m in cached.values())  # shared targets exist in this table
