@@ -18,18 +18,13 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-import zmq
 
 from common import runtime
-from common.envelope import Envelope, encode
-from services.ipvs_writer import state
-from services.ipvs_writer.engine import Engine
-from services.ipvs_writer.loop import WriterLoop
 from tests.service.fake_kernel import FakeKernel
+from tests.service.writer_thread import WriterThread as SharedWriterThread
 
 ROOT = Path(__file__).resolve().parents[2]
 DEVICE_ADDRESS = "10.0.0.100"  # the writer's "-i device" address for services without host
@@ -65,52 +60,14 @@ class AnyScheduler(frozenset):
         return True
 
 
-class WriterThread:
-    """One writer process's objects with the loop in a thread; ``restart`` keeps the kernel."""
+class WriterThread(SharedWriterThread):
+    """The shared writer scaffold with the API tests' defaults: a kernel that reports counters
+    and the -i device's address."""
 
     def __init__(self, rundir: str, state_file: Path | None = None,
                  kernel: FakeKernel | None = None, default_address: str = DEVICE_ADDRESS):
-        self.rundir = rundir
-        self.state_file = state_file
-        self.kernel = kernel if kernel is not None else StatsKernel()
-        self.default_address = default_address
-        self.endpoint = runtime.endpoint(rundir, runtime.WRITER)
-        self.start()
-
-    def start(self) -> None:
-        """Start (again, after ``stop``): a new engine from the state file, the same kernel."""
-        self.ctx = zmq.Context()
-        path = self.state_file
-        services = state.load(path) if path is not None else {}
-        persist = (lambda s: state.save(path, s)) if path is not None else (lambda s: None)
-        self.engine = Engine(services, self.kernel, persist, lambda: self.default_address)
-        self.engine.start()
-        self.loop = WriterLoop(self.engine, self.ctx, self.rundir, 3600.0)
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, name="writer-loop", daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        try:
-            self.loop.run()
-        except BaseException as exc:  # surfaced by stop()
-            self.error = exc
-
-    def stop(self) -> None:
-        self.loop.running = False
-        with self.ctx.socket(zmq.DEALER) as waker:  # wakes the loop's poll at once
-            waker.setsockopt(zmq.LINGER, 0)
-            waker.connect(self.endpoint)
-            waker.send(encode(Envelope.new("service.list", {}, "test-stop")))
-            self.thread.join(5)
-        assert not self.thread.is_alive(), "the writer loop did not stop"
-        self.loop.close()
-        self.ctx.destroy(linger=0)
-        assert self.error is None, self.error
-
-    def restart(self) -> None:
-        self.stop()
-        self.start()
+        super().__init__(rundir, state_file, kernel if kernel is not None else StatsKernel(),
+                         default_address)
 
 
 @contextlib.contextmanager

@@ -15,7 +15,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -23,13 +22,9 @@ import pytest
 import zmq
 
 from common import runtime, store_messages
-from common.envelope import Envelope, encode
 from common.transport import Pusher, RequestClient
-from services.ipvs_writer import state
-from services.ipvs_writer.engine import Engine
-from services.ipvs_writer.loop import WriterLoop
 from tests.consul_double import ConsulDouble
-from tests.service.fake_kernel import FakeKernel
+from tests.service.writer_thread import WriterThread
 
 pytestmark = pytest.mark.timeout(40)
 
@@ -37,37 +32,7 @@ ROOT = Path(__file__).resolve().parents[2]
 OK = {"ok": True, "errno": "ok", "reason": "", "data": None}
 
 
-class Writer:
-    """One writer process's objects, its loop in a thread (as tests/service/test_writer_bus.py)."""
-
-    def __init__(self, rundir: str, state_file: Path):
-        self.ctx = zmq.Context()
-        self.kernel = FakeKernel()
-        self.engine = Engine(state.load(state_file), self.kernel,
-                             lambda s: state.save(state_file, s))
-        self.engine.start()
-        self.loop = WriterLoop(self.engine, self.ctx, rundir, 3600.0)
-        self.endpoint = runtime.endpoint(rundir, runtime.WRITER)
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, name="writer-loop", daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        try:
-            self.loop.run()
-        except BaseException as exc:
-            self.error = exc
-
-    def stop(self) -> None:
-        self.loop.running = False
-        with self.ctx.socket(zmq.DEALER) as waker:
-            waker.setsockopt(zmq.LINGER, 0)
-            waker.connect(self.endpoint)
-            waker.send(encode(Envelope.new("service.list", {}, "test-stop")))
-            self.thread.join(5)
-        self.loop.close()
-        self.ctx.destroy(linger=0)
-        assert self.error is None, self.error
+Writer = WriterThread  # one writer process's objects, its loop in a thread
 
 
 class Host:

@@ -28,13 +28,9 @@ import pytest
 import zmq
 
 from common import runtime
-from common.envelope import Envelope, encode
 from common.shard import owner
 from common.transport import RequestClient
-from services.ipvs_writer import state
-from services.ipvs_writer.engine import Engine
-from services.ipvs_writer.loop import WriterLoop
-from tests.service.fake_kernel import FakeKernel
+from tests.service.writer_thread import WriterThread
 
 pytestmark = pytest.mark.timeout(40)
 
@@ -107,38 +103,11 @@ class DeadPort:
 
 # --- the writer, in a thread --------------------------------------------------------------------
 
-class Writer:
+class Writer(WriterThread):
     """One writer process's objects over a fresh ``FakeKernel``, the loop run in a thread."""
 
     def __init__(self, rundir: str, state_file: Path):
-        self.ctx = zmq.Context()
-        self.kernel = FakeKernel()
-        self.engine = Engine(state.load(state_file), self.kernel,
-                             lambda s: state.save(state_file, s))
-        self.engine.start()  # the first ``applied`` batch: the kernel as the state file has it
-        self.loop = WriterLoop(self.engine, self.ctx, rundir, reconcile_interval=3600.0)
-        self.endpoint = runtime.endpoint(rundir, runtime.WRITER)
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, name="writer-loop", daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        try:
-            self.loop.run()
-        except BaseException as exc:  # surfaced by stop(): a crashed loop fails the test
-            self.error = exc
-
-    def stop(self) -> None:
-        self.loop.running = False
-        with self.ctx.socket(zmq.DEALER) as waker:  # wakes the poll at once
-            waker.setsockopt(zmq.LINGER, 0)
-            waker.connect(self.endpoint)
-            waker.send(encode(Envelope.new("service.list", {}, "test-stop")))
-            self.thread.join(5)
-        assert not self.thread.is_alive(), "the writer loop did not stop"
-        self.loop.close()
-        self.ctx.destroy(linger=0)
-        assert self.error is None, self.error
+        super().__init__(rundir, state_file)
 
     def weight(self, vip: str, port: int) -> int | None:
         """The kernel weight of the dest 127.0.0.1:``port`` of the service ``vip``:80."""

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -19,9 +18,9 @@ from common import messages, runtime
 from common.envelope import Envelope, decode, encode
 from common.transport import RequestClient, Subscriber
 from services.ipvs_writer import state
-from services.ipvs_writer.engine import Engine, desired_table
-from services.ipvs_writer.loop import SRC, WriterLoop
-from tests.service.fake_kernel import FakeKernel
+from services.ipvs_writer.engine import desired_table
+from services.ipvs_writer.loop import SRC
+from tests.service.writer_thread import WriterThread
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -31,40 +30,11 @@ NOT_FOUND = {"ok": False, "errno": "not_found", "reason": "unable to locate spec
 WEB_KEY = (2, 6, "10.0.0.1", 80, 0)
 
 
-class Writer:
+class Writer(WriterThread):
     """One writer process's objects, with the loop run in a thread."""
 
     def __init__(self, rundir: str, state_file: Path, reconcile_interval: float = 3600.0):
-        self.ctx = zmq.Context()
-        self.kernel = FakeKernel()
-        self.state_file = state_file
-        self.engine = Engine(state.load(state_file), self.kernel,
-                             lambda s: state.save(state_file, s))
-        self.engine.start()
-        self.loop = WriterLoop(self.engine, self.ctx, rundir, reconcile_interval)
-        self.endpoint = runtime.endpoint(rundir, runtime.WRITER)
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, name="writer-loop", daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        try:
-            self.loop.run()
-        except BaseException as exc:  # surfaced by stop(): a crashed loop fails the test
-            self.error = exc
-
-    def stop(self) -> None:
-        self.loop.running = False
-        # The loop acts on the flag when its poll returns (within 0.5 s); a request wakes it now.
-        with self.ctx.socket(zmq.DEALER) as waker:
-            waker.setsockopt(zmq.LINGER, 0)
-            waker.connect(self.endpoint)
-            waker.send(encode(Envelope.new("service.list", {}, "test-stop")))
-            self.thread.join(5)
-        assert not self.thread.is_alive(), "the loop did not stop"
-        self.loop.close()
-        self.ctx.destroy(linger=0)
-        assert self.error is None, self.error
+        super().__init__(rundir, state_file, reconcile_interval=reconcile_interval)
 
 
 @pytest.fixture
