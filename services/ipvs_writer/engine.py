@@ -288,10 +288,45 @@ def stage(draft: Draft, type_: str, req: Any, default_address: str = "",
     return Staged(vsid, [(topic, verb, backend_view(vsid, rsid, b, record))])
 
 
+def _changed_dests(was: ServiceRecord, now: ServiceRecord) -> tuple[KService, KService] | None:
+    """The kernel tables of ``was`` and ``now`` restricted to the backends whose record changed,
+    when nothing else can differ (same service options and address, no fail-open, which weighs a
+    backend by the health of the others); None when the whole service must be compared."""
+    if (was.options != now.options or was.address != now.address
+            or was.options.fail_open > 0):
+        return None
+    have, want = kservice(was.options, was.address), kservice(now.options, now.address)
+    for rsid in was.backends.keys() | now.backends.keys():
+        a, b = was.backends.get(rsid), now.backends.get(rsid)
+        if a is b:
+            continue
+        for table, r in ((have, a), (want, b)):
+            if r is not None:
+                d = kdest(r.options, r.address, weight(r.options.weight, r.health), table.af)
+                table.dests[d.key] = d
+    return have, want
+
+
 def ops_between(old: Services, new: Services, vsids: set[str]) -> list[Op]:
-    """Kernel ops taking the touched services from ``old`` to ``new`` (kernel assumed == old)."""
-    want = {t.key: t for t in (ktable(new[v]) for v in vsids if v in new)}
-    have = {t.key: t for t in (ktable(old[v]) for v in vsids if v in old)}
+    """Kernel ops taking the touched services from ``old`` to ``new`` (kernel assumed == old).
+
+    A service whose own options did not change is compared only on the backends whose records
+    changed (records are immutable and a draft keeps the unchanged ones), so a weight change
+    costs a lookup per backend of its service, not a kernel view of each."""
+    want: dict[SKey, KService] = {}
+    have: dict[SKey, KService] = {}
+    for v in vsids:
+        was, now = old.get(v), new.get(v)
+        pair = _changed_dests(was, now) if was is not None and now is not None else None
+        if pair is not None:
+            h, w = pair
+        else:
+            h = ktable(was) if was is not None else None
+            w = ktable(now) if now is not None else None
+        if h is not None:
+            have[h.key] = h
+        if w is not None:
+            want[w.key] = w
     return plan(want, have, owned=set(have) - set(want))
 
 

@@ -11,7 +11,9 @@ import argparse
 import logging
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import zmq
 
@@ -49,7 +51,9 @@ def parse_args(argv: list[str] | None) -> tuple[config.Config, bool]:
     return cfg, args.restore_previous
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, kernel_factory: Callable[[], Any] = Kernel) -> int:
+    """``kernel_factory`` builds the IPVS adapter (benchmarks on a host without IPVS pass
+    ``tests.service.fake_kernel.FakeKernel``)."""
     cfg, restore_previous = parse_args(argv)
     logging.basicConfig(level=cfg.gorb.log_level.upper(),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -57,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         services = state.load(path, restore_previous=restore_previous)
         runtime.ensure_runtime_dir(cfg.gorb.runtime_dir)
-        kernel = Kernel()
+        kernel = kernel_factory()
     except (state.StateFileError, ValueError, runtime.RuntimeDirError) as exc:
         log.error("%s", exc)
         return 2

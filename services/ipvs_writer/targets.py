@@ -64,20 +64,41 @@ def targets(services: Services) -> dict[str, TargetGroup]:
     return out
 
 
+def _same_check(a: BackendRecord | None, b: BackendRecord | None) -> bool:
+    """Whether two records of one backend (under equal service pulse defaults) are checked the
+    same way: a weight or health change moves no target."""
+    if a is b:
+        return True
+    if a is None or b is None:
+        return False
+    return (a.address == b.address and a.options.port == b.options.port
+            and a.options.pulse == b.options.pulse)
+
+
 def update_targets(groups: dict[str, TargetGroup], old: Services, new: Services,
                    vsids: set[str]) -> None:
     """Bring ``groups`` (built from ``old``) up to ``new``, looking only at the services in
-    ``vsids``: a change costs the size of the services it touched, not of the whole state."""
+    ``vsids`` and, within a service whose pulse defaults did not change, only at the backends
+    whose check changed: a weight change costs a comparison per backend of its service."""
     for vsid in vsids:
-        for rsid, backend in (old[vsid].backends.items() if vsid in old else ()):
-            t = backend_target(old[vsid], backend)
+        was, now = old.get(vsid), new.get(vsid)
+        before = was.backends if was is not None else {}
+        after = now.backends if now is not None else {}
+        same_defaults = (was is not None and now is not None
+                         and was.options.pulse == now.options.pulse)
+        for rsid, backend in before.items():
+            if same_defaults and _same_check(backend, after.get(rsid)):
+                continue
+            t = backend_target(was, backend)
             group = groups.get(t.key) if t is not None else None
             if group is not None and (vsid, rsid) in group.members:
                 group.members.remove((vsid, rsid))
                 if not group.members:
                     del groups[t.key]
-        for rsid, backend in (new[vsid].backends.items() if vsid in new else ()):
-            t = backend_target(new[vsid], backend)
+        for rsid, backend in after.items():
+            if same_defaults and _same_check(before.get(rsid), backend):
+                continue
+            t = backend_target(now, backend)
             if t is None:
                 continue
             group = groups.get(t.key)

@@ -246,7 +246,8 @@ class Commits:
 class Gorb:
     """ipvs-writer and api in this (fresh) namespace, files under ``work``."""
 
-    def __init__(self, work: Path, api_log_level: str = "", profile_api: str = ""):
+    def __init__(self, work: Path, api_log_level: str = "", profile_api: str = "",
+                 writer_module: str = "services.ipvs_writer"):
         self.work = work
         self.rundir = work / "run"
         cfg = work / "gorb.toml"
@@ -256,7 +257,7 @@ class Gorb:
                        'reconcile_interval = 3600.0\n')
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.writer = subprocess.Popen(
-            [sys.executable, "-m", "services.ipvs_writer", "--config", str(cfg)], cwd=REPO,
+            [sys.executable, "-m", writer_module, "--config", str(cfg)], cwd=REPO,
             env=env, stdout=open(work / "writer.log", "ab"), stderr=subprocess.STDOUT)
         self.client = RequestClient(zmq.Context.instance(),
                                     runtime.endpoint(str(self.rundir), runtime.WRITER), "bench")
@@ -305,9 +306,9 @@ def pct(values: list[float], p: float) -> float:
 
 
 def bench(n: int, rounds: int, levels: tuple[int, ...], api_log_level: str = "",
-          profile_api: str = "") -> dict:
+          profile_api: str = "", writer_module: str = "services.ipvs_writer") -> dict:
     work = Path(tempfile.mkdtemp(prefix="gbapi", dir="/tmp"))
-    gorb = Gorb(work, api_log_level, profile_api)
+    gorb = Gorb(work, api_log_level, profile_api, writer_module)
     pids = {"api": gorb.api.pid, "writer": gorb.writer.pid, "client": "self"}
     commits = Commits(work / "state.json")
     reqs = workload(n)
@@ -444,6 +445,9 @@ def main() -> int:
                    help="the API's log level (default: the configuration's, info)")
     p.add_argument("--profile-api", metavar="FILE",
                    help="run the API under cProfile and write its stats to FILE")
+    p.add_argument("--host", action="store_true",
+                   help="run on this host with the writer over tests.service.fake_kernel "
+                        "(no IPVS needed; the processes get the host's cores)")
     p.add_argument("--in-netns", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
     levels = tuple(int(x) for x in a.levels.split(","))
@@ -463,7 +467,8 @@ def main() -> int:
     print(f"bench_api: {a.backends} backends, {a.rounds} rounds, clients {levels}; "
           f"uname {os.uname().release}, {os.cpu_count()} CPU(s) in the guest", flush=True)
     summary = bench(a.backends, a.rounds, levels, a.api_log_level or "",
-                    str(Path(a.profile_api).resolve()) if a.profile_api else "")
+                    str(Path(a.profile_api).resolve()) if a.profile_api else "",
+                    "tests.bench.fake_writer" if a.host else "services.ipvs_writer")
     ok = report(summary, a.backends, a.rounds, levels)
     print(json.dumps(summary))
     print("targets:", "MET" if ok else "NOT MET")

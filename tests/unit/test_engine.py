@@ -645,3 +645,64 @@ def test_the_target_table_is_updated_in_place_and_equals_a_rebuild():
     fresh = {k: sorted(g.members) for k, g in rebuild(engine.services).items()}
     assert cached == fresh
     assert any(len(m) > 1 for m in cached.values())  # shared targets exist in this table
+
+
+# --- the incremental paths against the whole-state ones -----------------------------------------
+
+def _random_request(rnd, engine):
+    """A mutation that may or may not succeed: backend creates/updates/deletes mostly, now and
+    then a service change (scheduler, pulse defaults, fail-open) that forces a whole-service
+    comparison."""
+    vs = rnd.choice(["web", "api", "dns"])
+    rs = f"b{rnd.randrange(12)}"
+    roll = rnd.random()
+    if roll < 0.35:
+        pulse = rnd.choice([None, {"type": "none"}, {"type": "tcp", "interval": "2s"}])
+        extra = {"pulse": pulse} if pulse else {}
+        return be_create(vs, rs, host=f"10.1.0.{rnd.randrange(1, 16)}",
+                         port=rnd.choice([80, 8080]), weight=rnd.choice([0, 10, 100]), **extra)
+    if roll < 0.65:
+        return be_update(vs, rs, weight=rnd.choice([0, 1, 50, 100]))
+    if roll < 0.85:
+        return be_delete(vs, rs)
+    return svc_update(vs, **rnd.choice([{"method": rnd.choice(["rr", "wrr", "lc"])},
+                                        {"pulse": {"type": "tcp", "interval": "1s"}},
+                                        {"pulse": {"type": "none"}},
+                                        {"fail_open": rnd.choice([0.0, 0.5])}]))
+
+
+def _groups(groups):
+    return {k: sorted(g.members) for k, g in groups.items()}
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_incremental_ops_and_targets_equal_the_whole_state_ones(seed):
+    """``ops_between`` compares only the backends whose records changed and ``update_targets``
+    moves only their targets; after every batch (mutations and health results, with fail-open
+    on and off) the kernel must still equal the desired state and the target table the one
+    built from scratch."""
+    import random
+
+    from services.ipvs_writer.targets import targets
+
+    rnd = random.Random(seed)
+    engine, kernel, _ = make_engine(svc_create("web", "10.0.0.1"), svc_create("api", "10.0.0.2"),
+                                    svc_create("dns", "10.0.0.3", protocol="udp", port=53))
+    engine.targets()  # build the cache: from now on it is only ever updated
+    for step in range(60):
+        if rnd.random() < 0.25 and engine.targets():
+            keys = rnd.sample(sorted(engine.targets()), min(3, len(engine.targets())))
+            status = rnd.choice(["up", "down"])
+            engine.handle_health([{"worker": 0, "results": [
+                {"key": k, "ok": status == "up", "status": status, "at": float(step)}
+                for k in keys]}])
+        elif rnd.random() < 0.15:  # re-created in one batch: same endpoint, another check
+            vs, rs = rnd.choice(["web", "api"]), f"b{rnd.randrange(12)}"
+            pulse = rnd.choice([{"type": "none"}, {"type": "tcp", "interval": "3s"},
+                                {"type": "http", "interval": "1s"}])
+            engine.handle_batch([be_delete(vs, rs), be_create(vs, rs, host="10.1.0.99", port=80,
+                                                              pulse=pulse)])
+        else:
+            engine.handle_batch([_random_request(rnd, engine) for _ in range(rnd.randrange(1, 5))])
+        assert kernel_matches_desired(engine, kernel), f"step {step}"
+        assert _groups(engine.targets()) == _groups(targets(engine.services)), f"step {step}"
