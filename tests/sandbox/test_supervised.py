@@ -3,7 +3,7 @@
 ``gorb run`` here takes the host path (the guest's kernel has IPVS): it becomes supervisord, which
 starts ipvs-writer, api and ``pulse.workers`` pulse workers (pulse-worker_00, _01 by default).
 Also here (it needs root and namespaces): the relay that ``gorb run``'s guest mode uses on a host
-without IPVS; that mode as a whole is checked by ``check_run_on_host.sh``.
+without IPVS; that mode as a whole is tested on the host by ``tests/host/test_gorb_run_guest.py``.
 
 ``Gorb`` (one ``gorb run`` and the means to reach it from the test process: supervisord's
 XML-RPC, HTTP to the API through a socket made inside the namespace) and ``proc_table`` (the

@@ -1,0 +1,182 @@
+"""The README's run command on a host whose kernel has no IPVS (like this one), end to end:
+``gorb run`` boots the supervised system in a user-mode-linux guest and relays the API to
+127.0.0.1:4672. Driven only from outside, as an operator would: HTTP through the relay,
+``gorb ctl`` through the relayed supervisord socket, SIGTERM to stop, then a second ``gorb run``
+on the same state directory.
+
+The test's ``gorb run`` lives in a network namespace of its own (entered with ``nsenter --net``,
+which changes nothing else), so its 127.0.0.1:4672 is private and the host's port stays free; it
+creates its guest-link namespace (``gorb-<pid>``) beside it like any other run. Skipped where the
+kernel has IPVS (gorb would run there directly), without root (namespaces, tap) or without UML.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from services.launcher import netns, uml
+
+REPO = Path(__file__).resolve().parents[2]
+GORB = str(Path(sys.executable).with_name("gorb"))
+PORT = 4672
+
+pytestmark = [
+    pytest.mark.timeout(240),
+    pytest.mark.skipif(Path("/proc/net/ip_vs").exists(),
+                       reason="this kernel has IPVS: gorb run does not use a guest here"),
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces, tap)"),
+    pytest.mark.skipif(uml.available() is not None, reason=str(uml.available())),
+]
+
+
+class InNetns:
+    """HTTP to 127.0.0.1 of another network namespace, from a thread that entered it."""
+
+    def __init__(self, ns: str):
+        self.ns = ns
+
+    def request(self, method: str, path: str, body: dict | None = None,
+                timeout: float = 10) -> tuple[int, bytes]:
+        out: dict = {}
+
+        def work() -> None:
+            fd = netns.open_ns(self.ns)
+            try:
+                netns.enter(fd)
+            finally:
+                os.close(fd)
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", PORT, timeout=timeout)
+                data = json.dumps(body).encode() if body is not None else None
+                conn.request(method, path, body=data,
+                             headers={"Content-Type": "application/json"} if data else {})
+                resp = conn.getresponse()
+                out["r"] = (resp.status, resp.read())
+                conn.close()
+            except OSError as exc:
+                out["e"] = exc
+
+        t = threading.Thread(target=work, daemon=True)
+        t.start()
+        t.join(timeout + 5)
+        if "e" in out:
+            raise out["e"]
+        if "r" not in out:
+            raise TimeoutError(f"{method} {path}: no answer")
+        return out["r"]
+
+
+class GorbRun:
+    """``gorb run`` in namespace ``ns`` with every directory under ``work``."""
+
+    def __init__(self, ns: str, work: Path):
+        self.work = work
+        self.out = open(work / f"out-{time.monotonic_ns()}", "w+")
+        self.proc = subprocess.Popen(
+            ["nsenter", f"--net=/run/netns/{ns}", GORB, "run", "-l", f":{PORT}",
+             "--runtime-dir", str(work / "run"), "--state-dir", str(work / "state"),
+             "--log-dir", str(work / "log")],
+            cwd=REPO, stdout=self.out, stderr=subprocess.STDOUT)
+        self.http = InNetns(ns)
+
+    def output(self) -> str:
+        self.out.flush()
+        return Path(self.out.name).read_text()
+
+    def wait_ready(self, deadline: float = 120) -> float:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < deadline:
+            assert self.proc.poll() is None, f"gorb run exited {self.proc.returncode}:\n" \
+                                             f"{self.output()}"
+            try:
+                if self.http.request("GET", "/health", timeout=2)[0] == 200:
+                    return time.monotonic() - t0
+            except (OSError, TimeoutError):
+                pass
+            time.sleep(0.3)
+        raise AssertionError(f"the API never answered /health:\n{self.output()}")
+
+    def ctl(self, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([GORB, "ctl", "--runtime-dir", str(self.work / "run"), *args],
+                              capture_output=True, text=True, timeout=30)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(60)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture
+def ns():
+    name = f"gorbtest{uuid.uuid4().hex[:8]}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+    yield name
+    subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+def test_gorb_run_boots_the_guest_relays_the_api_and_keeps_state_across_runs(ns, tmp_path):
+    run = GorbRun(ns, tmp_path)
+    try:
+        ready = run.wait_ready()
+        banner = run.output()
+        assert "no IPVS" in banner and "user-mode-linux guest" in banner, banner
+        assert f"http://127.0.0.1:{PORT}/" in banner, banner
+        guest_ns = f"gorb-{run.proc.pid}"
+        assert guest_ns in subprocess.run(["ip", "netns", "list"], capture_output=True,
+                                          text=True).stdout
+        status = run.ctl("status")
+        assert status.returncode == 0, status
+        running = [line.split()[0] for line in status.stdout.splitlines() if "RUNNING" in line]
+        assert sorted(running) == ["api", "discovery", "ipvs-writer",
+                                   "pulse-worker:pulse-worker_00", "pulse-worker:pulse-worker_01"]
+        assert run.http.request("PUT", "/service/web", {
+            "host": "10.77.0.100", "port": 80, "protocol": "tcp", "method": "rr"})[0] == 200
+        assert run.http.request("PUT", "/service/web/a", {"host": "10.77.0.1", "port": 8080})[0] \
+            == 200
+        assert run.http.request("PUT", "/service/web", {"host": "10.77.0.100", "port": 80})[0] \
+            == 409
+        # The API restarted by supervisorctl through the relayed socket comes back.
+        restart = run.ctl("restart", "api")
+        assert restart.returncode == 0 and "api: started" in restart.stdout, restart
+        run.wait_ready(60)
+    finally:
+        code = run.stop()
+    assert code == 0, run.output()
+    assert "stopping" in run.output()
+    assert guest_ns not in subprocess.run(["ip", "netns", "list"], capture_output=True,
+                                          text=True).stdout
+    assert not (tmp_path / "run" / "supervisor.sock").exists()
+    assert "web" in json.loads((tmp_path / "state" / "state.json").read_text())["services"]
+    assert "stopped: ipvs-writer (exit status 0)" in (tmp_path / "log" /
+                                                      "supervisord.log").read_text()
+
+    # A second run on the same state directory serves what the first one was told.
+    again = GorbRun(ns, tmp_path)
+    try:
+        again.wait_ready()
+        status, body = again.http.request("GET", "/service/web/a")
+        assert status == 200, body
+        view = json.loads(body)
+        assert view["options"]["host"] == "10.77.0.1" and view["options"]["port"] == 8080
+        status, body = again.http.request("GET", "/service/web")
+        assert status == 200 and json.loads(body)["options"]["method"] == "rr", body
+    finally:
+        assert again.stop() == 0, again.output()
+    print(f"gorb run: API ready after {ready:.1f} s")
