@@ -26,8 +26,11 @@ figure is the median over rounds (of each round's p50/p99), the API/writer ratio
 the rounds' paired ratios. The guest has ONE virtual CPU shared by the client, the API and the
 writer (and the kernel's IPVS work): the client's own CPU is part of every figure; CPU per
 request of each process comes from /proc, the writer's group commits from inotify on the state
-file. ``--api-log-level`` runs the API at another log level, ``--profile-api FILE`` under
-cProfile (note: every clock read is a system call in the guest, so profiles there are skewed).
+file. ``--host`` runs the same on the host (no sandbox) with the writer over
+``tests.service.fake_kernel`` (``tests/bench/fake_writer.py``): the API and the writer then get
+the host's cores, as in production, but the writer does none of the kernel's work.
+``--api-log-level`` runs the API at another log level, ``--profile-api FILE`` under cProfile
+(every clock read is a system call in the guest, so profiles there are skewed).
 
 Targets (issue 3): API throughput >= 80% of the writer's at the same concurrency; API p99 <= 2x
 the writer's single-op latency (see tests/bench/README.md for which percentile and why).
@@ -379,11 +382,16 @@ def bench(n: int, rounds: int, levels: tuple[int, ...], api_log_level: str = "",
     return summary
 
 
-def report(s: dict, n: int, rounds: int, levels: tuple[int, ...]) -> bool:
+def report(s: dict, n: int, rounds: int, levels: tuple[int, ...], host: bool = False) -> bool:
     print(f"\n{n} backends over {SERVICES} services per measurement, {rounds} rounds; every "
           f"figure is the median of the rounds' (p50/p99: of each round's {n} requests).")
-    print("The load generator, the API and the writer share the guest's ONE virtual CPU: the "
-          "client's own CPU is inside every figure (second table).\n")
+    if host:
+        print(f"On the host ({os.cpu_count()} CPUs shared by the load generator, the API and the "
+              "writer), the writer over tests.service.fake_kernel: no IPVS, so the writer's cost "
+              "per request is that of the real process without the kernel's work.\n")
+    else:
+        print("The load generator, the API and the writer share the guest's ONE virtual CPU: the "
+              "client's own CPU is inside every figure (second table).\n")
     head = (f"{'op':5} {'c':>2} | {'API req/s':>9} {'p50 ms':>7} {'p99 ms':>7} | "
             f"{'writer req/s':>12} {'p50 ms':>7} {'p99 ms':>7} | {'API/writer':>10} "
             f"{'p99/1-op p50':>12} {'p99/1-op p99':>12}")
@@ -415,7 +423,7 @@ def report(s: dict, n: int, rounds: int, levels: tuple[int, ...]) -> bool:
           "API/writer: median of the rounds' req/s ratios at the same c.\np99/1-op p50, "
           "p99/1-op p99: the API's p99 at c over the writer's single-op latency (its p50 and p99 "
           "with one request at a time).")
-    print("\nCPU per request (us, /proc utime+stime, 10 ms ticks), how busy the guest's CPU was, "
+    print("\nCPU per request (us, /proc utime+stime, 10 ms ticks), how busy the machine's CPUs were, "
           "and the writer's mean batch (requests per group commit):")
     head = (f"{'op':5} {'c':>2} | {'API path: api':>13} {'writer':>6} {'client':>6} {'sum':>5} "
             f"{'busy':>5} {'batch':>5} | {'bus path: writer':>16} {'client':>6} {'sum':>5} "
@@ -465,11 +473,12 @@ def main() -> int:
             subprocess.run(f"ip netns pids {ns} | xargs -r kill -9", shell=True)
             subprocess.run(["ip", "netns", "del", ns])
     print(f"bench_api: {a.backends} backends, {a.rounds} rounds, clients {levels}; "
-          f"uname {os.uname().release}, {os.cpu_count()} CPU(s) in the guest", flush=True)
+          f"uname {os.uname().release}, {os.cpu_count()} CPU(s)"
+          f"{', host, fake kernel' if a.host else ' in the guest'}", flush=True)
     summary = bench(a.backends, a.rounds, levels, a.api_log_level or "",
                     str(Path(a.profile_api).resolve()) if a.profile_api else "",
                     "tests.bench.fake_writer" if a.host else "services.ipvs_writer")
-    ok = report(summary, a.backends, a.rounds, levels)
+    ok = report(summary, a.backends, a.rounds, levels, a.host)
     print(json.dumps(summary))
     print("targets:", "MET" if ok else "NOT MET")
     return 0
