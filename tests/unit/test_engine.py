@@ -679,10 +679,11 @@ def _groups(groups):
 def test_incremental_ops_and_targets_equal_the_whole_state_ones(seed):
     """``ops_between`` compares only the backends whose records changed and ``update_targets``
     moves only their targets; after every batch (mutations and health results, with fail-open
-    on and off) the kernel must still equal the desired state and the target table the one
-    built from scratch."""
+    on and off) the kernel must still equal the desired state, the target table the one built
+    from scratch, and the state file's content a fresh encoding of the whole state."""
     import random
 
+    from services.ipvs_writer import state
     from services.ipvs_writer.targets import targets
 
     rnd = random.Random(seed)
@@ -706,3 +707,6 @@ def test_incremental_ops_and_targets_equal_the_whole_state_ones(seed):
             engine.handle_batch([_random_request(rnd, engine) for _ in range(rnd.randrange(1, 5))])
         assert kernel_matches_desired(engine, kernel), f"step {step}"
         assert _groups(engine.targets()) == _groups(targets(engine.services)), f"step {step}"
+        # The state file reuses each unchanged record's encoding: never a stale one.
+        assert msgspec.json.decode(state.encode(engine.services)) == msgspec.json.decode(
+            msgspec.json.encode(state.StateDocument(state.STATE_VERSION, engine.services)))
