@@ -426,10 +426,13 @@ class Engine:
         if self._targets is not None:  # only the touched services' targets can have moved
             update_targets(self._targets, before, services, touched)
         self.targets_changed = True
-        gone = [m for m in self.observed
-                if m[0] not in services or m[1] not in services[m[0]].backends]
-        for member in gone:  # a re-created backend must not show a stale check
-            del self.observed[member]
+        for vsid in touched:  # a re-created backend must not show a stale check
+            was, now = before.get(vsid), services.get(vsid)
+            if was is None or (now is not None and now.backends is was.backends):
+                continue
+            for rsid in was.backends:
+                if now is None or rsid not in now.backends:
+                    self.observed.pop((vsid, rsid), None)
 
     # health -------------------------------------------------------------------------------------
 

@@ -710,3 +710,25 @@ def test_incremental_ops_and_targets_equal_the_whole_state_ones(seed):
         # The state file reuses each unchanged record's encoding: never a stale one.
         assert msgspec.json.decode(state.encode(engine.services)) == msgspec.json.decode(
             msgspec.json.encode(state.StateDocument(state.STATE_VERSION, engine.services)))
+
+
+@pytest.mark.parametrize("removal", [be_delete(), svc_delete()])
+def test_a_removed_backends_last_check_is_forgotten(removal):
+    """The last check shown by backend.get belongs to the backend checked: once removed (or its
+    service), a backend re-created under the same id starts without one."""
+    engine, _, _ = make_engine(*BASE, be_create(rs="b", host="10.1.0.2"))
+    [key_a] = [k for k, g in engine.targets().items() if ("web", "a") in g.members]
+    [key_b] = [k for k, g in engine.targets().items() if ("web", "b") in g.members]
+    engine.handle_health([{"worker": 0, "results": [
+        {"key": k, "ok": True, "status": "up", "at": 1.0} for k in (key_a, key_b)]}])
+    assert engine.read("backend.get", {"service": "web", "backend": "a"})["data"]["check"]
+    assert one(engine, removal)[0] == OK
+    again = [be_create()] if removal[0] == "backend.delete" else [*BASE]
+    for req in again:
+        assert one(engine, req)[0] == OK
+    assert engine.read("backend.get", {"service": "web", "backend": "a"})["data"]["check"] is None
+    b = engine.read("backend.get", {"service": "web", "backend": "b"})
+    if removal[0] == "backend.delete":  # b was not touched: it keeps its check
+        assert b["data"]["check"]["ok"] is True
+    else:
+        assert b == NOT_FOUND and ("web", "b") not in engine.observed
