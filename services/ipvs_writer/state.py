@@ -132,21 +132,39 @@ def save(path: Path, services: Services) -> None:
 
     The records in ``services`` must not change after this (the engine saves a batch's state
     once every request of it is staged)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     data = encode(services)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    if path.exists():
-        prev_tmp = path.with_name(path.name + ".prev.tmp")
-        prev_tmp.unlink(missing_ok=True)
-        os.link(path, prev_tmp)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+    try:
+        fd = os.open(tmp, flags, 0o644)
+    except FileNotFoundError:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(tmp, flags, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    prev_tmp = path.with_name(path.name + ".prev.tmp")
+    try:
+        _link(path, prev_tmp)
         os.replace(prev_tmp, previous_path(path))
+    except FileNotFoundError:
+        pass  # the first save: nothing to keep
     os.replace(tmp, path)
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def _link(src: Path, dst: Path) -> None:
+    """Hard-link ``src`` as ``dst``, replacing a ``dst`` left by a crash."""
+    try:
+        os.link(src, dst)
+    except FileExistsError:
+        dst.unlink()
+        os.link(src, dst)

@@ -129,7 +129,7 @@ def test_state_file_is_complete_at_every_step_of_a_save(tmp_path, monkeypatch, o
     save(path, new)
     monkeypatch.undo()
     # The steps that could expose a partial file all ran under the check.
-    assert {"builtin open", "fsync", "link", "replace"} <= set(spy.calls)
+    assert {"open", "write", "fsync", "link", "replace"} <= set(spy.calls)
     assert (load(path), load(previous_path(path))) == (new, old)
     assert not (tmp_path / "state.json.tmp").exists()
 
