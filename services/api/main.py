@@ -21,9 +21,9 @@ import sys
 import gevent
 import zmq.green
 from gevent.pool import Pool
-from gevent.pywsgi import WSGIServer
+from gevent.pywsgi import WSGIHandler, WSGIServer
 
-from common import config, runtime, store_messages
+from common import config, logs, runtime, store_messages
 from services.api.app import build
 from services.api.discovery_client import DiscoveryClient
 from services.api.resolver import Resolver, resolve_host
@@ -36,6 +36,14 @@ log = logging.getLogger("api")
 # serve_forever returns at once and closing the writer client answered them 503 "the API is
 # stopping" (or cut them off), so ``gorb ctl restart api`` gave clients wrong answers.
 STOP_TIMEOUT = 5.0
+
+
+class Handler(WSGIHandler):
+    """gevent's handler without its own access line: ``app.AccessLog`` writes ours, and with
+    ``log=None`` gevent still formats one (a clock read and a datetime) per request."""
+
+    def log_request(self) -> None:
+        pass
 
 
 def parse_args(argv: list[str] | None) -> tuple[config.Config, str]:
@@ -64,8 +72,7 @@ def parse_args(argv: list[str] | None) -> tuple[config.Config, str]:
 def main(argv: list[str] | None = None, resolve: Resolver = resolve_host) -> int:
     """``resolve`` turns host names into addresses (tests pass one that needs no DNS)."""
     cfg, endpoint = parse_args(argv)
-    logging.basicConfig(level=cfg.gorb.log_level.upper(),
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logs.setup(cfg.gorb.log_level)
     ctx = zmq.green.Context()
     client = WriterClient(ctx, endpoint, cfg.api.writer_timeout)
     discovery = None  # without a store the /store routes answer 404 without asking discovery
@@ -73,7 +80,7 @@ def main(argv: list[str] | None = None, resolve: Resolver = resolve_host) -> int
         discovery = DiscoveryClient(ctx, store_messages.endpoint(cfg.gorb.runtime_dir))
     _, wsgi = build(client, resolve, discovery=discovery)
     server = WSGIServer(config.parse_listen(cfg.api.listen), wsgi, log=None, error_log=log,
-                        spawn=Pool())
+                        spawn=Pool(), handler_class=Handler)
     try:
         server.init_socket()
     except OSError as exc:

@@ -13,7 +13,7 @@ import sys
 
 import zmq.green as zmq
 
-from common import config, loops
+from common import config, logs, loops
 from common.transport import TransportError
 from services.discovery.service import Discovery
 
@@ -26,8 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     config.add_arguments(p)
     p.add_argument("--runtime-dir", help="directory of the ipc sockets (gorb.runtime_dir)")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logs.setup(logging.INFO)
     try:
         cfg = config.from_args(args)
         logging.getLogger().setLevel(cfg.gorb.log_level.upper())

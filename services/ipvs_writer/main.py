@@ -17,7 +17,7 @@ from typing import Any
 
 import zmq
 
-from common import config, runtime
+from common import config, logs, runtime
 from services.ipvs_writer import state
 from services.ipvs_writer.engine import Engine
 from services.ipvs_writer.loop import WriterLoop
@@ -55,8 +55,7 @@ def main(argv: list[str] | None = None, kernel_factory: Callable[[], Any] = Kern
     """``kernel_factory`` builds the IPVS adapter (benchmarks on a host without IPVS pass
     ``tests.service.fake_kernel.FakeKernel``)."""
     cfg, restore_previous = parse_args(argv)
-    logging.basicConfig(level=cfg.gorb.log_level.upper(),
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logs.setup(cfg.gorb.log_level)
     path = Path(cfg.writer.state_file)
     try:
         services = state.load(path, restore_previous=restore_previous)

@@ -15,7 +15,7 @@ import sys
 
 import zmq.green as zmq
 
-from common import config, loops, runtime
+from common import config, logs, loops, runtime
 from common.transport import Pusher, RequestClient, Subscriber
 from services.pulse_worker.worker import Worker
 
@@ -43,8 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 <= args.index < workers:
         p.exit(2, f"gorb-pulse-worker: --index must be in [0, {workers})\n")
     rundir = args.runtime_dir or cfg.gorb.runtime_dir
-    logging.basicConfig(level=cfg.gorb.log_level.upper(),
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logs.setup(cfg.gorb.log_level)
     ctx = zmq.Context.instance()
     worker = Worker(
         args.index, workers,
