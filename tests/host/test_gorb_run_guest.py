@@ -1,8 +1,8 @@
 """The README's run command on a host whose kernel has no IPVS (like this one), end to end:
 ``gorb run`` boots the supervised system in a user-mode-linux guest and relays the API to
-127.0.0.1:4672. Driven only from outside, as an operator would: HTTP through the relay,
-``gorb ctl`` through the relayed supervisord socket, SIGTERM to stop, then a second ``gorb run``
-on the same state directory.
+127.0.0.1:4672. Driven only from outside, as an operator would: the README's quickstart commands
+verbatim (curl and ``gorb ctl``), HTTP through the relay, SIGTERM to stop, then a second
+``gorb run`` on the same state directory.
 
 The test's ``gorb run`` lives in a network namespace of its own (entered with ``nsenter --net``,
 which changes nothing else), so its 127.0.0.1:4672 is private and the host's port stays free; it
@@ -77,10 +77,27 @@ class InNetns:
         return out["r"]
 
 
+def quickstart() -> list[str]:
+    """The shell commands of the README's quickstart block, continuation lines joined."""
+    text = (REPO / "README.md").read_text()
+    block = text.split("## Quickstart", 1)[1].split("```", 2)[1]
+    commands, pending = [], ""
+    for line in block.splitlines():
+        if line.rstrip().endswith("\\"):
+            pending += line.rstrip()[:-1] + " "
+            continue
+        line = pending + line
+        pending = ""
+        if line.strip() and not line.lstrip().startswith("#"):
+            commands.append(line.strip())
+    return commands
+
+
 class GorbRun:
     """``gorb run`` in namespace ``ns`` with every directory under ``work``."""
 
     def __init__(self, ns: str, work: Path):
+        self.ns = ns
         self.work = work
         self.out = open(work / f"out-{time.monotonic_ns()}", "w+")
         self.proc = subprocess.Popen(
@@ -110,6 +127,13 @@ class GorbRun:
     def ctl(self, *args: str) -> subprocess.CompletedProcess:
         return subprocess.run([GORB, "ctl", "--runtime-dir", str(self.work / "run"), *args],
                               capture_output=True, text=True, timeout=30)
+
+    def shell(self, command: str) -> subprocess.CompletedProcess:
+        """``command`` as an operator's shell on this host runs it (in the test's namespace, with
+        gorb's runtime dir given by the environment, so ``gorb ctl`` needs no flag)."""
+        env = {**os.environ, "GORB_GORB_RUNTIME_DIR": str(self.work / "run")}
+        return subprocess.run(["nsenter", f"--net=/run/netns/{self.ns}", "sh", "-c", command],
+                              cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
 
     def stop(self) -> int:
         if self.proc.poll() is None:
@@ -141,6 +165,34 @@ def test_gorb_run_boots_the_guest_relays_the_api_and_keeps_state_across_runs(ns,
         guest_ns = f"gorb-{run.proc.pid}"
         assert guest_ns in subprocess.run(["ip", "netns", "list"], capture_output=True,
                                           text=True).stdout
+        # The README's quickstart, verbatim: every command succeeds and says what it promises.
+        commands = quickstart()
+        assert len(commands) >= 15 and any("PATCH" in c for c in commands), commands
+        for command in commands:
+            done = run.shell(command)
+            assert done.returncode == 0, (command, done.stdout, done.stderr)
+            words = command.split()
+            if words[:3] == ["curl", "-sS", "-X"]:  # PUT / PATCH / DELETE: 200, empty body
+                assert done.stdout == "", (command, done.stdout)
+            elif words[:2] == ["curl", "-sS"]:
+                url = words[2]
+                if url.endswith(":4672/service"):
+                    assert json.loads(done.stdout) == ["web"], done.stdout
+                elif url.endswith("/service/web"):
+                    assert json.loads(done.stdout)["backends"] == ["a"], done.stdout
+                elif url.endswith("/service/web/a"):
+                    assert json.loads(done.stdout)["options"]["port"] == 8080, done.stdout
+                elif url.endswith("/health"):
+                    assert json.loads(done.stdout) == {"api": "ok", "writer": "ok"}, done.stdout
+                elif url.endswith("/metrics"):
+                    assert "gorb_" in done.stdout, done.stdout[:500]
+                elif url.endswith("/openapi.json"):
+                    assert json.loads(done.stdout)["openapi"].startswith("3.1"), done.stdout[:200]
+            elif "gorb ctl status" in command:
+                assert done.stdout.count("RUNNING") == 5, done.stdout
+        run.wait_ready(60)  # the quickstart ends with ``gorb ctl restart api``
+        assert json.loads(run.http.request("GET", "/service")[1]) == [], \
+            "the quickstart deletes what it created"
         status = run.ctl("status")
         assert status.returncode == 0, status
         running = [line.split()[0] for line in status.stdout.splitlines() if "RUNNING" in line]
