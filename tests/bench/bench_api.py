@@ -366,6 +366,9 @@ def bench(n: int, rounds: int, levels: tuple[int, ...], api_log_level: str = "",
         gorb.stop()
         api_log = (work / "api.log").read_text()
         shutil.rmtree(work, ignore_errors=True)
+    summary_floor = floor(work_floor := Path(tempfile.mkdtemp(prefix="gbfloor", dir="/tmp")),
+                          reqs, levels)
+    shutil.rmtree(work_floor, ignore_errors=True)
     errors = [line for line in api_log.splitlines() if " ERROR " in line or " WARNING " in line]
     if errors:
         raise SystemExit("the API logged problems:\n" + "\n".join(errors[:20]))
@@ -379,7 +382,43 @@ def bench(n: int, rounds: int, levels: tuple[int, ...], api_log_level: str = "",
             "cpu_us_per_req": {k: v / total * 1e6 for k, v in cell["cpu"].items()},
             "cpu_busy": statistics.median(cell["busy"]),
             "mean_batch": total / max(1, cell["commits"])}
+    summary["floor"] = summary_floor
     return summary
+
+
+def floor(work: Path, reqs: dict, levels: tuple[int, ...]) -> dict:
+    """The API's HTTP layer alone (``tests/bench/stub_api.py``: the same app and server, a writer
+    client that answers at once): CPU per request of that process, the floor under the API's."""
+    port = PORT + 1
+    proc = subprocess.Popen([sys.executable, "-m", "tests.bench.stub_api", str(port)], cwd=REPO,
+                            stdout=open(work / "stub.log", "ab"), stderr=subprocess.STDOUT)
+    out = {}
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                Conn(("127.0.0.1", port)).close()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit((work / "stub.log").read_text())
+                time.sleep(0.1)
+        # 4 x the workload: the CPU figures count 10 ms ticks.
+        swap = [r.replace(f":{PORT}\r\n".encode(), f":{port}\r\n".encode())
+                for r in reqs["patch_http"]] * 4
+        for level in levels:
+            conns = [Conn(("127.0.0.1", port)) for _ in range(level)]
+            api_run(conns, swap[:64])  # warm-up
+            with Cpu({"api": proc.pid, "client": "self"}) as cpu:
+                rate, _ = api_run(conns, swap)
+            for c in conns:
+                c.close()
+            out[level] = {"rate": rate,
+                          "cpu_us_per_req": {k: v / len(swap) * 1e6 for k, v in cpu.used.items()}}
+    finally:
+        proc.terminate()
+        proc.wait()
+    return out
 
 
 def report(s: dict, n: int, rounds: int, levels: tuple[int, ...], host: bool = False) -> bool:
@@ -438,6 +477,13 @@ def report(s: dict, n: int, rounds: int, levels: tuple[int, ...], host: bool = F
                   f"{sum(ca.values()):5.0f} {a['cpu_busy']:5.0%} {a['mean_batch']:5.1f} | "
                   f"{cw['writer']:16.0f} {cw['client']:6.0f} {sum(cw.values()):5.0f} "
                   f"{w['cpu_busy']:5.0%} {w['mean_batch']:5.1f}")
+    fl = s.get("floor", {})
+    if fl:
+        print("\nThe HTTP layer alone (tests/bench/stub_api.py: the same app and server, a writer "
+              "client answering at once, no bus), PATCH:")
+        for level, f in fl.items():
+            print(f"  c={level:<2}: {f['rate']:6.0f} req/s, CPU per request: api "
+                  f"{f['cpu_us_per_req']['api']:5.0f} us, client {f['cpu_us_per_req']['client']:4.0f} us")
     print(f"\nTargets (issue 3): API throughput >= {THROUGHPUT_TARGET:.0%} of the writer's at the "
           f"same c; API p99 <= {LATENCY_TARGET:g}x the writer's single-op p99:")
     print("\n".join(verdicts))
