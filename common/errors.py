@@ -13,6 +13,7 @@ NOT_FOUND = "not_found"      # unknown service or backend
 EXISTS = "exists"            # duplicate id or duplicate kernel key
 KERNEL = "kernel"            # netlink refused the operation
 UNAVAILABLE = "unavailable"  # a peer (the writer) did not answer in time
+STATE = "state"              # the writer could not save its state file: nothing was changed
 INTERNAL = "internal"        # a bug: logged with a traceback on the side that hit it
 
 HTTP_STATUS = {
@@ -22,6 +23,7 @@ HTTP_STATUS = {
     EXISTS: 409,
     KERNEL: 500,
     UNAVAILABLE: 503,
+    STATE: 500,
     INTERNAL: 500,
 }
 

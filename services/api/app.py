@@ -14,7 +14,8 @@ Responses:
                            not running or not answering, or the writer or Consul not answering it
     GET /store/sync/status 200 discovery's StoreStatus (a dry run); 404 / 503 as above
     errors                 {"error": "<text>"} with the status of ``common.errors.HTTP_STATUS``:
-                           400 invalid, 404 unknown object, 409 exists, 500 kernel, 503 no writer;
+                           400 invalid, 404 unknown object, 409 exists, 500 kernel or
+                           state file, 503 no writer;
                            404 unknown path, 405 known path with another method (with Allow),
                            413 body over ``max_body`` bytes, 500 ``internal error`` for a bug
 

@@ -58,8 +58,10 @@ E400 = _error("Invalid input: the path, the JSON body or a value in it (GORB's e
 E404 = _error("`unable to locate specified object`: no such service (or backend).")
 E409 = _error("`specified object already exists`: the id, or the address, is taken.")
 E413 = _error("The request body is over the limit (1 MiB).")
-E500 = _error("`error while calling into IPVS: ...` (the kernel refused the change), or "
-              "`internal error` (a bug, logged with its traceback).")
+E500 = _error("`error while calling into IPVS: ...` (the kernel refused the change), "
+              "`cannot save the desired state (...); nothing was changed` (the writer's state "
+              "file could not be written: full or read-only file system), or `internal error` "
+              "(a bug, logged with its traceback).")
 E503 = _error("ipvs-writer did not answer in time; retry later.")
 E400_SYNC = _error("`sync refused: <why>`: applying the store would delete more than "
                    "`discovery.max_delete_share` of the services or backends, or anything at all "

@@ -5,7 +5,8 @@
 ``service(svc)``, ``flush()``) and ``persist(services)``; it has no sockets and no clock.
 
 Mutations come in batches (group commit). For a batch: stage every request in order, persist the
-staged state (write-ahead: a crash after this converges the kernel to it on restart), apply the ops
+staged state (write-ahead: a crash after this converges the kernel to it on restart; a state file
+that cannot be written refuses the batch with errno ``state``, the kernel untouched), apply the ops
 of ``plan(new, old)`` for the touched services in one netlink batch, and commit. If any op fails,
 the kernel is restored for the touched services to the state before the batch (from a fresh dump,
 deleting only what this batch itself added), and the requests are replayed one at a time, so each
@@ -388,7 +389,11 @@ class Engine:
         if not touched:
             return [(messages.fail(s), []) for s in staged]
         t0 = time.perf_counter()
-        self.persist(services)
+        unsaved = self._save(services)
+        if unsaved is not None:  # write-ahead: the kernel was not touched, nothing changed
+            log.error("%s: refused a batch of %d request(s)", unsaved.reason, len(requests))
+            return [(messages.fail(s if isinstance(s, GorbError) else unsaved), [])
+                    for s in staged]
         t1 = time.perf_counter()
         ops = ops_between(before, services, touched)
         results = self.kernel.apply(ops)
@@ -401,8 +406,21 @@ class Engine:
         self._restore(before, touched, ops, results)
         self.services = before
         out = [self._one(type_, body) for type_, body in requests]
-        self.persist(self.services)
+        unsaved = self._save(self.services)
+        if unsaved is not None:  # the replayed changes are applied; the next save keeps them
+            log.error("%s after replaying a batch: the kernel and the writer have its changes, "
+                      "a restart before the next successful save would lose them", unsaved.reason)
         return out
+
+    def _save(self, services: Services) -> GorbError | None:
+        """Persist ``services``; a file system that refuses (full, read-only, gone) is an error
+        to answer, not a crash: the writer keeps serving and the next change tries again."""
+        try:
+            self.persist(services)
+        except OSError as exc:
+            return GorbError(errors.STATE, f"cannot save the desired state ({exc}); "
+                                           "nothing was changed")
+        return None
 
     def _one(self, type_: str, body: dict) -> tuple[dict, list[Event]]:
         before = self.services
@@ -489,7 +507,11 @@ class Engine:
                 log.warning("service %s: fail-open holds %d backend(s) in although down (%s); "
                             "threshold %.2f", vsid, len(now_held), ", ".join(sorted(now_held)),
                             draft.services[vsid].options.fail_open)
-        self.persist(draft.services)
+        unsaved = self._save(draft.services)
+        if unsaved is not None:  # traffic first: a failed backend is drained all the same
+            log.error("%s for health changes: applying them anyway; a restart before the next "
+                      "successful save would start from the previous verdicts",
+                      unsaved.reason.replace("; nothing was changed", ""))
         ops = ops_between(before, draft.services, touched)
         for r in self.kernel.apply(ops):
             if r is not None:

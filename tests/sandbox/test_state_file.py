@@ -107,3 +107,40 @@ def test_state_survives_sigkill(writer_factory):
     assert w.must("service.list", {})["data"] == names
     assert {v: w.must("service.get", {"service": v})["data"] for v in names["services"]} == views
     assert [listing(w.ns, *opts) for opts in ((), ("--thresholds",), ("--tun-info",))] == kernel
+
+
+def test_a_full_file_system_refuses_changes_and_leaves_kernel_and_writer_alone(writer_factory):
+    """The state file's file system fills up: every change is refused with errno ``state`` (the
+    API's 500) before the kernel is touched, the writer keeps running and answering reads, and
+    once there is room again the next change goes through and is saved."""
+    w = writer_factory(reconcile=60.0, start=False)
+    state_dir = w.state_file.parent
+    state_dir.mkdir(parents=True)
+    sh(f"mount -t tmpfs -o size=64k tmpfs {state_dir}")
+    try:
+        w.start()
+        create(w, "web", {"host": "10.77.0.1", "port": 80}, {"a": {"host": "10.77.1.1",
+                                                                     "port": 8080}})
+        kernel = services(w.ns)
+        sh(f"dd if=/dev/zero of={state_dir}/filler bs=4k 2>/dev/null", check=False)
+        for type_, body in (
+                ("service.create", {"service": "api", "options": {"host": "10.77.0.2",
+                                                                   "port": 80}}),
+                ("backend.update", {"service": "web", "backend": "a", "weight": 3}),
+                ("backend.delete", {"service": "web", "backend": "a"})):
+            reply = w.request(type_, body)
+            assert reply["ok"] is False and reply["errno"] == "state", reply
+            assert "No space left on device" in reply["reason"], reply
+        assert services(w.ns) == kernel  # nothing reached the kernel
+        assert w.proc.poll() is None, w.log.read_text()
+        assert w.must("service.list", {})["data"] == {"services": ["web"]}
+        assert "refused a batch of 1 request(s)" in w.log.read_text()
+
+        (state_dir / "filler").unlink()
+        w.must("backend.update", {"service": "web", "backend": "a", "weight": 3})
+        assert services(w.ns)["TCP 10.77.0.1:80"][1]["10.77.1.1:8080"] == ("Masq", 3)
+        saved = json.loads(w.state_file.read_bytes())["services"]
+        assert saved["web"]["backends"]["a"]["options"]["weight"] == 3
+    finally:
+        w.stop()
+        sh(f"umount {state_dir}", check=False)

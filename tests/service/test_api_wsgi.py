@@ -659,3 +659,20 @@ def test_the_app_module_has_no_state_between_apps(h):
     other = webtest.TestApp(wsgi)
     assert json.loads(other.get("/service").body) == ["web"]
     assert app_module.MAX_BODY == 1 << 20
+
+
+def test_a_state_file_that_cannot_be_written_is_a_500_saying_so(h):
+    """The writer's errno ``state`` (its file system refused the state file): a 500 with the
+    writer's reason; nothing changed, and the API and writer go on serving."""
+    web(h)
+
+    def full(services):
+        raise OSError(28, "No space left on device", "/var/lib/gorb/state.json.tmp")
+
+    real, h.writer.engine.persist = h.writer.engine.persist, full
+    resp = h.call("PUT", "/service/web/b", {"host": "10.1.0.2", "port": 80})
+    err(resp, 500, "cannot save the desired state ([Errno 28] No space left on device: "
+                   "'/var/lib/gorb/state.json.tmp'); nothing was changed")
+    h.writer.engine.persist = real
+    assert get(h, "/service/web")["backends"] == []
+    assert h.call("PUT", "/service/web/b", {"host": "10.1.0.2", "port": 80}).status_int == 200

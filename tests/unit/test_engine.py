@@ -732,3 +732,88 @@ def test_a_removed_backends_last_check_is_forgotten(removal):
         assert b["data"]["check"]["ok"] is True
     else:
         assert b == NOT_FOUND and ("web", "b") not in engine.observed
+
+
+# --- a state file that cannot be written --------------------------------------------------------
+
+class FailingPersist(Persisted):
+    """Refuses (ENOSPC) while ``full`` is set, like a full file system."""
+
+    full = False
+
+    def __call__(self, services):
+        if self.full:
+            raise OSError(errno.ENOSPC, "No space left on device", "/var/lib/gorb/state.json.tmp")
+        super().__call__(services)
+
+
+def test_a_batch_that_cannot_be_saved_is_refused_and_changes_nothing():
+    kernel = FakeKernel()
+    persist = FailingPersist()
+    engine = Engine({}, kernel, persist)
+    assert [r for r, _ in engine.handle_batch([svc_create(), be_create()])] == [OK, OK]
+    before, table = engine.services, kernel.snapshot()
+    applied = len(kernel.applied)
+    persist.full = True
+    replies = engine.handle_batch([be_update(weight=7), be_create(rs="b", host="10.1.0.2"),
+                                   be_delete("web", "nope")])
+    refused = {"ok": False, "errno": "state", "data": None,
+               "reason": "cannot save the desired state ([Errno 28] No space left on device: "
+                         "'/var/lib/gorb/state.json.tmp'); nothing was changed"}
+    assert [r for r, _ in replies] == [refused, refused, NOT_FOUND]  # its own error kept
+    assert all(events == [] for _, events in replies)
+    assert engine.services is before and kernel.snapshot() == table
+    assert len(kernel.applied) == applied  # write-ahead: the kernel was not even asked
+    # Reads still work; once the file system has room, the next change goes through.
+    assert engine.read("backend.get", {"service": "web", "backend": "a"})["data"]["weight"] == 100
+    persist.full = False
+    assert one(engine, be_update(weight=7))[0] == OK
+    assert kernel_matches_desired(engine, kernel)
+    assert engine.services["web"].backends["a"].options.weight == 7
+
+
+def test_health_changes_are_applied_even_when_they_cannot_be_saved(caplog):
+    """Traffic first: a backend pulse finds down is drained although the state file cannot be
+    written; the verdict is saved with the next change that can be."""
+    persist = FailingPersist()
+    kernel = FakeKernel()
+    engine = Engine({}, kernel, persist)
+    for req in BASE:
+        assert one(engine, req)[0] == OK
+    [key] = engine.targets()
+    persist.full = True
+    engine.handle_health([{"worker": 0, "results": [
+        {"key": key, "ok": False, "status": "down", "at": 5.0}]}])
+    assert kernel.snapshot()[WEB_KEY].dests[("10.1.0.1", 8080)].weight == 0
+    assert engine.services["web"].backends["a"].health.status == "down"
+    assert "applying them anyway" in caplog.text
+    persist.full = False
+    assert one(engine, svc_create("api", "10.0.0.2"))[0] == OK
+    assert persist.calls[-1]["web"].backends["a"].health.status == "down"
+
+
+def test_a_replayed_batch_that_cannot_be_saved_keeps_its_answers_and_saves_later(caplog):
+    """The batch was saved, then an op failed, the kernel was restored and the requests replayed
+    one at a time; if saving the replayed state then fails, the replies stand (the kernel and the
+    writer have those changes) and the next save that succeeds writes them."""
+    persist = FailingPersist()
+    kernel = FakeKernel()
+    engine = Engine({}, kernel, persist)
+    for req in BASE:
+        assert one(engine, req)[0] == OK
+
+    def fill_after_first_save(services, real=persist.__call__):
+        real(services)
+        persist.full = True
+
+    engine.persist = fill_after_first_save
+    replies = [r for r, _ in engine.handle_batch([
+        be_update(weight=5), svc_create("bad", "10.0.0.66", method="nosuch")])]
+    assert replies[0] == OK and replies[1]["errno"] == "kernel"
+    assert "a restart before the next successful save would lose them" in caplog.text
+    assert kernel_matches_desired(engine, kernel)
+    persist.full = False
+    engine.persist = persist
+    assert one(engine, svc_create("api", "10.0.0.2"))[0] == OK
+    saved = persist.calls[-1]
+    assert saved["web"].backends["a"].options.weight == 5 and set(saved) == {"web", "api"}
