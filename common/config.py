@@ -32,6 +32,8 @@ class GorbSection(msgspec.Struct, forbid_unknown_fields=True):
 class ApiSection(msgspec.Struct, forbid_unknown_fields=True):
     listen: str = ":4672"               # GORB -l: host:port; ":4672" = every address
     writer_timeout: float = 5.0         # seconds to wait for the writer's answer (then 503)
+    idle_timeout: float = 60.0          # seconds a connection may wait for or send a request
+    max_connections: int = 1000         # client connections served at once (then the backlog)
 
 
 class WriterSection(msgspec.Struct, forbid_unknown_fields=True):
@@ -144,6 +146,10 @@ def _check(cfg: Config) -> None:
         raise ConfigError("pulse.workers must be at least 1")
     if cfg.writer.reconcile_interval <= 0:
         raise ConfigError("writer.reconcile_interval must be positive")
+    if cfg.api.idle_timeout <= 0:
+        raise ConfigError("api.idle_timeout must be positive")
+    if cfg.api.max_connections < 1:
+        raise ConfigError("api.max_connections must be at least 1")
 
 
 def parse_listen(listen: str) -> tuple[str, int]:

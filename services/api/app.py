@@ -17,7 +17,8 @@ Responses:
                            400 invalid, 404 unknown object, 409 exists, 500 kernel or
                            state file, 503 no writer;
                            404 unknown path, 405 known path with another method (with Allow),
-                           413 body over ``max_body`` bytes, 500 ``internal error`` for a bug
+                           413 body over ``max_body`` bytes, 408 body not received within
+                           ``api.idle_timeout``, 500 ``internal error`` for a bug
 
 This module is the one choke point where exceptions become responses: a ``GorbError`` becomes its
 status and text, ``WriterUnavailable`` a 503, anything else is logged with its traceback and
@@ -65,6 +66,10 @@ class BodyTooLarge(Exception):
     pass
 
 
+class BodyTimeout(Exception):
+    """The body did not arrive within the connection's idle timeout (``services.api.server``)."""
+
+
 def _json(status: int, value: Any, **headers: str) -> bottle.HTTPResponse:
     return bottle.HTTPResponse(views.encode(value), status, {"Content-Type": JSON, **headers})
 
@@ -93,13 +98,20 @@ def read_body(environ: dict, limit: int) -> bytes:
             raise GorbError(errors.INVALID, f"bad Content-Length {length!r}") from None
         if n > limit:
             raise BodyTooLarge()
-        return stream.read(n) if n > 0 else b""
+        return _read(stream, n) if n > 0 else b""
     if "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower():
-        data = stream.read(limit + 1)
+        data = _read(stream, limit + 1)
         if len(data) > limit:
             raise BodyTooLarge()
         return data
     return b""
+
+
+def _read(stream: Any, n: int) -> bytes:
+    try:
+        return stream.read(n)
+    except TimeoutError:
+        raise BodyTimeout() from None
 
 
 class Api:
@@ -152,6 +164,11 @@ class Api:
                 return _error(errors.HTTP_STATUS[errors.UNAVAILABLE], str(exc))
             except BodyTooLarge:
                 return _error(413, f"request body over {self.max_body} bytes")
+            except BodyTimeout:
+                log.info("%s %s: body not received within the idle timeout",
+                         bottle.request.method, bottle.request.path)
+                return _error(408, "request body not received within the idle timeout",
+                              Connection="close")
             except Exception:
                 log.exception("internal error in %s %s", bottle.request.method,
                               bottle.request.path)

@@ -20,13 +20,12 @@ import sys
 
 import gevent
 import zmq.green
-from gevent.pool import Pool
-from gevent.pywsgi import WSGIHandler, WSGIServer
 
 from common import config, logs, runtime, store_messages
 from services.api.app import build
 from services.api.discovery_client import DiscoveryClient
 from services.api.resolver import Resolver, resolve_host
+from services.api.server import Server
 from services.api.writer_client import WriterClient
 
 log = logging.getLogger("api")
@@ -36,14 +35,6 @@ log = logging.getLogger("api")
 # serve_forever returns at once and closing the writer client answered them 503 "the API is
 # stopping" (or cut them off), so ``gorb ctl restart api`` gave clients wrong answers.
 STOP_TIMEOUT = 5.0
-
-
-class Handler(WSGIHandler):
-    """gevent's handler without its own access line: ``app.AccessLog`` writes ours, and with
-    ``log=None`` gevent still formats one (a clock read and a datetime) per request."""
-
-    def log_request(self) -> None:
-        pass
 
 
 def parse_args(argv: list[str] | None) -> tuple[config.Config, str]:
@@ -79,8 +70,8 @@ def main(argv: list[str] | None = None, resolve: Resolver = resolve_host) -> int
     if cfg.discovery.kv_prefix or cfg.discovery.store_dir:
         discovery = DiscoveryClient(ctx, store_messages.endpoint(cfg.gorb.runtime_dir))
     _, wsgi = build(client, resolve, discovery=discovery)
-    server = WSGIServer(config.parse_listen(cfg.api.listen), wsgi, log=None, error_log=log,
-                        spawn=Pool(), handler_class=Handler)
+    server = Server(config.parse_listen(cfg.api.listen), wsgi, cfg.api.idle_timeout,
+                    cfg.api.max_connections)
     try:
         server.init_socket()
     except OSError as exc:

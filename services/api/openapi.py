@@ -58,6 +58,8 @@ E400 = _error("Invalid input: the path, the JSON body or a value in it (GORB's e
 E404 = _error("`unable to locate specified object`: no such service (or backend).")
 E409 = _error("`specified object already exists`: the id, or the address, is taken.")
 E413 = _error("The request body is over the limit (1 MiB).")
+E408 = _error("The request body did not arrive within `api.idle_timeout`; the connection is "
+              "closed.")
 E500 = _error("`error while calling into IPVS: ...` (the kernel refused the change), "
               "`cannot save the desired state (...); nothing was changed` (the writer's state "
               "file could not be written: full or read-only file system), or `internal error` "
@@ -271,7 +273,7 @@ def document() -> dict[str, Any]:
             "parameters": [VS],
             "put": _operation("Create a virtual service", {
                 "200": _created("getService", "updateService", "deleteService"),
-                "400": E400, "409": E409, "413": E413, **writer_errors},
+                "400": E400, "409": E409, "408": E408, "413": E413, **writer_errors},
                 body=_ref("ServiceCreate"), op_id="createService"),
             "get": _operation("Show a virtual service", {
                 "200": _ok_json("GORB's ServiceInfo with `address` and `stats`.",
@@ -279,7 +281,7 @@ def document() -> dict[str, Any]:
                 "400": E400, "404": E404, **writer_errors}, op_id="getService"),
             "patch": _operation("Change a virtual service's options (scheduler, flags, "
                                 "persistence, pulse defaults, ...)", {
-                "200": EMPTY_OK, "400": E400, "404": E404, "413": E413, **writer_errors},
+                "200": EMPTY_OK, "400": E400, "404": E404, "408": E408, "413": E413, **writer_errors},
                 body=_ref("ServicePatch"), op_id="updateService"),
             "delete": _operation("Remove a virtual service and all its backends", {
                 "200": EMPTY_OK, "400": E400, "404": E404, **writer_errors},
@@ -289,14 +291,14 @@ def document() -> dict[str, Any]:
             "parameters": [VS, RS],
             "put": _operation("Create a backend of a virtual service", {
                 "200": _created("getBackend", "updateBackend", "deleteBackend", backend=True),
-                "400": E400, "404": E404, "409": E409, "413": E413, **writer_errors},
+                "400": E400, "404": E404, "409": E409, "408": E408, "413": E413, **writer_errors},
                 body=_ref("BackendCreate"), op_id="createBackend"),
             "get": _operation("Show a backend with its health metrics", {
                 "200": _ok_json("GORB's BackendInfo with `address` and `stats`.",
                                 _ref("BackendInfo")),
                 "400": E400, "404": E404, **writer_errors}, op_id="getBackend"),
             "patch": _operation("Set a backend's weight", {
-                "200": EMPTY_OK, "400": E400, "404": E404, "413": E413, **writer_errors},
+                "200": EMPTY_OK, "400": E400, "404": E404, "408": E408, "413": E413, **writer_errors},
                 body=_ref("WeightUpdate"), op_id="updateBackend"),
             "delete": _operation("Remove a backend", {
                 "200": EMPTY_OK, "400": E400, "404": E404, **writer_errors},

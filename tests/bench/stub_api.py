@@ -1,7 +1,8 @@
 """The API's HTTP layer alone: gorb's routes (``services.api.app``) served exactly as
-``services.api.main`` serves them (gevent's WSGIServer, the same handler and logging), with a
-writer client that answers every request at once without a bus. What one request costs the API
-process before any ZeroMQ work: the floor under ``api`` in ``bench_api.py``.
+``services.api.main`` serves them (``services.api.server`` with the default settings, the same
+logging), with a writer client that answers every request at once without a bus. What one
+request costs the API process before any ZeroMQ work: the floor under ``api`` in
+``bench_api.py``.
 
     python -m tests.bench.stub_api PORT
 """
@@ -14,12 +15,9 @@ from gevent import monkey
 
 monkey.patch_all()
 
-from gevent.pool import Pool  # noqa: E402
-from gevent.pywsgi import WSGIServer  # noqa: E402
-
-from common import logs  # noqa: E402
+from common import config, logs  # noqa: E402
 from services.api.app import build  # noqa: E402
-from services.api.main import Handler, log  # noqa: E402
+from services.api.server import Server  # noqa: E402
 
 OK = {"ok": True, "errno": "ok", "reason": "", "data": None}
 
@@ -36,8 +34,9 @@ class InstantWriter:
 def main() -> int:
     logs.setup("info")
     _, wsgi = build(InstantWriter(), lambda host: host)
-    WSGIServer(("127.0.0.1", int(sys.argv[1])), wsgi, log=None, error_log=log, spawn=Pool(),
-               handler_class=Handler).serve_forever()
+    defaults = config.ApiSection()
+    Server(("127.0.0.1", int(sys.argv[1])), wsgi, defaults.idle_timeout,
+           defaults.max_connections).serve_forever()
     return 0
 
 

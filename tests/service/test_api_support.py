@@ -110,12 +110,14 @@ class ApiProcess:
     that resolver instead of DNS."""
 
     def __init__(self, rundir: str, workdir: Path, writer_timeout: float = 1.0,
-                 resolver: str | None = None):
+                 resolver: str | None = None, log_level: str = "warning", **api: object):
         self.port = free_port()
         self.config = workdir / "gorb.toml"
+        extra = "".join(f"{k} = {v}\n" for k, v in api.items())  # more [api] keys
         self.config.write_text(
-            f'[gorb]\nruntime_dir = "{rundir}"\nlog_level = "warning"\n\n'
-            f'[api]\nlisten = "127.0.0.1:{self.port}"\nwriter_timeout = {writer_timeout}\n')
+            f'[gorb]\nruntime_dir = "{rundir}"\nlog_level = "{log_level}"\n\n'
+            f'[api]\nlisten = "127.0.0.1:{self.port}"\nwriter_timeout = {writer_timeout}\n'
+            + extra)
         self.log_path = workdir / "api.log"
         self.log = open(self.log_path, "wb")
         env = {k: v for k, v in os.environ.items() if not k.startswith("GORB_")}

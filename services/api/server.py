@@ -1,0 +1,66 @@
+"""gevent's WSGIServer as gorb serves the API: what a long-running HTTP front end needs beyond
+the app.
+
+- **Idle timeout** (``api.idle_timeout``): every client socket gets it as its timeout, so a
+  connection that sends no request (an idle keep-alive, a client that died without closing) or
+  sends one too slowly (headers or body trickling in) is closed instead of holding a greenlet
+  and a file descriptor forever. A request line that never comes closes quietly; headers that
+  stop coming are answered 408.
+- **Bounded connections** (``api.max_connections``): the handler pool has that size; when it is
+  full the server stops accepting and further connections wait in the kernel's listen backlog
+  until one is free.
+- **JSON for gevent's own errors**: a request gevent cannot parse (bad request line, bad header)
+  is answered ``{"error": ...}`` like every other error of the API, not gevent's empty 400.
+- gevent's access line is not formatted (``app.AccessLog`` writes gorb's).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Callable
+
+from gevent.pool import Pool
+from gevent.pywsgi import WSGIHandler, WSGIServer
+
+from services.api import views
+
+log = logging.getLogger("api")
+
+
+def _raw(status: str, error: str) -> bytes:
+    body = views.encode({"error": error})
+    return (f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\nConnection: close\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+
+
+class Handler(WSGIHandler):
+    def log_request(self) -> None:
+        """gevent would format an access line (a clock read and a datetime) even with
+        ``log=None``; ``app.AccessLog`` writes gorb's."""
+
+    def _handle_client_error(self, ex: Exception) -> tuple[str, bytes]:
+        """A request gevent itself cannot take: 408 when its headers stopped coming, else
+        400; one log line, never gevent's traceback on stderr."""
+        if isinstance(ex, (TimeoutError, socket.timeout)):
+            log.info("closing %s: request headers not received within the idle timeout",
+                     self.client_address)
+            return "408", _raw("408 Request Timeout",
+                               "request not received within the idle timeout")
+        log.info("bad request from %s: %s", self.client_address, ex)
+        return "400", _raw("400 Bad Request", f"malformed HTTP request: {ex}")
+
+
+class Server(WSGIServer):
+    """``WSGIServer`` with gorb's handler, an idle timeout on every connection and at most
+    ``max_connections`` served at once."""
+
+    def __init__(self, listener: tuple[str, int], app: Callable, idle_timeout: float,
+                 max_connections: int, error_log: logging.Logger = log):
+        super().__init__(listener, app, log=None, error_log=error_log,
+                         spawn=Pool(max_connections), handler_class=Handler)
+        self.idle_timeout = idle_timeout
+
+    def handle(self, sock: socket.socket, address: tuple) -> None:
+        sock.settimeout(self.idle_timeout)
+        super().handle(sock, address)
