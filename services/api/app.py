@@ -49,7 +49,7 @@ from common.errors import GorbError
 from common.validation import validate_backend, validate_object_id, validate_service
 from services.api import openapi, views
 from services.api.discovery_client import DiscoveryClient, DiscoveryUnavailable
-from services.api.metrics import WriterCollector
+from services.api.metrics import RequestMetrics, WriterCollector
 from services.api.resolver import Resolver, is_ip, resolve_host
 from services.api.writer_client import WriterClient, WriterUnavailable
 
@@ -321,11 +321,13 @@ def _query_flag(name: str) -> bool:
 
 
 class AccessLog:
-    """WSGI middleware: one log line per request (method, path, status, ms), and GORB's empty
-    200s without a Content-Type; an exception that escapes the app is a 500 JSON, logged."""
+    """WSGI middleware: one log line per request (method, path, status, ms), the API's own
+    request metrics (``RequestMetrics``), and GORB's empty 200s without a Content-Type; an
+    exception that escapes the app is a 500 JSON, logged."""
 
-    def __init__(self, app: Callable):
+    def __init__(self, app: Callable, metrics: RequestMetrics | None = None):
         self.app = app
+        self.metrics = metrics
 
     def __call__(self, environ: dict, start_response: Callable) -> Any:
         t0 = time.perf_counter()
@@ -348,9 +350,14 @@ class AccessLog:
                                             ("Content-Length", str(len(body)))])
             return [body]
         finally:
+            took = time.perf_counter() - t0
+            code = seen.get("status", "-").split(" ")[0]
             access_log.info("%s %s %s %.1fms", environ.get("REQUEST_METHOD"),
-                            environ.get("PATH_INFO"), seen.get("status", "-").split(" ")[0],
-                            (time.perf_counter() - t0) * 1e3)
+                            environ.get("PATH_INFO"), code, took * 1e3)
+            if self.metrics is not None:
+                route = environ.get("bottle.route")
+                self.metrics.observe(environ.get("REQUEST_METHOD", ""),
+                                     route.rule if route is not None else "", code, took)
 
 
 def build(client: WriterClient, resolve: Resolver = resolve_host,
@@ -358,4 +365,4 @@ def build(client: WriterClient, resolve: Resolver = resolve_host,
           discovery: DiscoveryClient | None = None) -> tuple[Api, Callable]:
     """The API object and the WSGI application to serve; ``discovery`` only with a store."""
     api = Api(client, resolve, max_body, discovery)
-    return api, AccessLog(api.app)
+    return api, AccessLog(api.app, RequestMetrics(api.registry))

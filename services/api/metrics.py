@@ -20,6 +20,14 @@ succeeds with ``gorb_up 0`` and no gorb series), and the kernel's counters per s
 service labels) and per backend (``gorb_ipvs_backend_…_total`` plus the
 ``gorb_ipvs_backend_{active,inactive,persistent}_connections`` gauges, GORB's backend labels).
 Counters are emitted only for entries the kernel reported.
+
+The API's own requests (``RequestMetrics``, kept in the process: the one thing /metrics does not
+ask the writer), labelled by the route's pattern, never the raw path, so ids do not make series:
+
+    gorb_api_requests_total{method, route, code}            e.g. route="/service/<vs>/<rs>"
+    gorb_api_request_duration_seconds{method, route}        histogram, from the first byte read
+                                                            to the last byte handed to gevent
+Requests that match no route have ``route=""``.
 """
 
 from __future__ import annotations
@@ -29,8 +37,9 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from prometheus_client import Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
+from prometheus_client.registry import Collector, CollectorRegistry
 
 from services.api import views
 from services.api.writer_client import WriterUnavailable
@@ -167,3 +176,24 @@ class WriterCollector(Collector):
             log.error("metrics: the writer refused state.dump: %s", reply.get("reason"))
             return families(None, time.time())
         return families(reply["data"]["services"], time.time())
+
+
+# Seconds: a request is one bus round trip to the writer (about a millisecond), up to the
+# writer's timeout (5 s by default) when it does not answer.
+DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                    5.0, 10.0)
+
+
+class RequestMetrics:
+    """The API's request counter and latency histogram, in ``registry``."""
+
+    def __init__(self, registry: CollectorRegistry):
+        self.requests = Counter("gorb_api_requests", "HTTP requests served by the API",
+                                ["method", "route", "code"], registry=registry)
+        self.duration = Histogram("gorb_api_request_duration_seconds",
+                                  "Time to serve an HTTP request", ["method", "route"],
+                                  buckets=DURATION_BUCKETS, registry=registry)
+
+    def observe(self, method: str, route: str, code: str, seconds: float) -> None:
+        self.requests.labels(method, route, code).inc()
+        self.duration.labels(method, route).observe(seconds)

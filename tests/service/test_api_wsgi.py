@@ -581,6 +581,25 @@ def test_metrics_without_a_writer_still_answer_with_gorb_up_0(h):
     assert any(name.startswith("process_") for name, _ in s)
 
 
+def test_the_apis_own_requests_are_counted_by_route_pattern_and_timed(h):
+    web(h)
+    backend(h, "a")
+    backend(h, "b", host="10.1.0.2")
+    err(h.call("PUT", "/service/web/a", {"host": "10.1.0.1", "port": 8080}), 409)
+    h.call("GET", "/no/such/path")
+    s = scrape(h)
+    count = "gorb_api_requests_total"
+    assert s[(count, L(method="PUT", route="/service/<vs>", code="200"))] == 1
+    assert s[(count, L(method="PUT", route="/service/<vs>/<rs>", code="200"))] == 2
+    assert s[(count, L(method="PUT", route="/service/<vs>/<rs>", code="409"))] == 1
+    assert s[(count, L(method="GET", route="", code="404"))] == 1
+    hist = L(method="PUT", route="/service/<vs>/<rs>")
+    assert s[("gorb_api_request_duration_seconds_count", hist)] == 3
+    assert 0 < s[("gorb_api_request_duration_seconds_sum", hist)] < 5
+    assert not any(v.startswith("/service/web") for _, labels in s for _, v in labels), \
+        "raw paths (ids) must never become label values"
+
+
 # --- the OpenAPI document -------------------------------------------------------------------------
 
 def _route_table(h) -> set[tuple[str, str]]:
