@@ -33,7 +33,8 @@ class ApiSection(msgspec.Struct, forbid_unknown_fields=True):
     listen: str = ":4672"               # GORB -l: host:port; ":4672" = every address
     writer_timeout: float = 5.0         # seconds to wait for the writer's answer (then 503)
     idle_timeout: float = 60.0          # seconds a connection may wait for or send a request
-    max_connections: int = 1000         # client connections served at once (then the backlog)
+    max_connections: int = 512          # client connections served at once (then the backlog;
+                                        # each is a descriptor: supervisord's minfds is 1024)
 
 
 class WriterSection(msgspec.Struct, forbid_unknown_fields=True):
