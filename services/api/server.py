@@ -42,7 +42,7 @@ class Handler(WSGIHandler):
     def _handle_client_error(self, ex: Exception) -> tuple[str, bytes]:
         """A request gevent itself cannot take: 408 when its headers stopped coming, else
         400; one log line, never gevent's traceback on stderr."""
-        if isinstance(ex, (TimeoutError, socket.timeout)):
+        if isinstance(ex, TimeoutError):  # socket.timeout is TimeoutError
             log.info("closing %s: request headers not received within the idle timeout",
                      self.client_address)
             return "408", _raw("408 Request Timeout",

@@ -21,7 +21,11 @@ import ctypes
 import ipaddress
 import os
 import subprocess
-from collections.abc import Iterable
+import threading
+from collections.abc import Callable, Iterable
+from typing import TypeVar
+
+T = TypeVar("T")
 
 PREFIX = "gorb-"
 TAP = "gt0"
@@ -139,6 +143,27 @@ def enter(fd: int) -> None:
     if _libc.setns(fd, CLONE_NEWNET) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"setns: {os.strerror(err)}")
+
+
+def call_in(fd: int, fn: Callable[[], T]) -> T:
+    """``fn()`` on a short-lived thread that entered the namespace open as ``fd``: the sockets
+    it makes live there, and the caller's namespace never changes. Returns what ``fn`` returns,
+    raises what it (or entering) raises."""
+    out: dict = {}
+
+    def work() -> None:
+        try:
+            enter(fd)
+            out["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            out["error"] = exc
+
+    t = threading.Thread(target=work, name="netns-call", daemon=True)
+    t.start()
+    t.join()
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
 
 
 def open_ns(ns: str) -> int:

@@ -37,22 +37,7 @@ def connect_in(ns_fd: int, address: tuple[str, int], timeout: float = CONNECT_TI
 
     Runs the connect on a short-lived thread so the caller's namespace never changes.
     """
-    result: dict[str, object] = {}
-
-    def work() -> None:
-        try:
-            netns.enter(ns_fd)
-            result["sock"] = socket.create_connection(address, timeout=timeout)
-        except OSError as exc:
-            result["error"] = exc
-
-    t = threading.Thread(target=work, name="netns-connect", daemon=True)
-    t.start()
-    t.join()
-    if "error" in result:
-        raise result["error"]  # type: ignore[misc]
-    sock = result["sock"]
-    assert isinstance(sock, socket.socket)
+    sock = netns.call_in(ns_fd, lambda: socket.create_connection(address, timeout=timeout))
     sock.settimeout(None)
     return sock
 

@@ -366,9 +366,7 @@ def bench(n: int, rounds: int, levels: tuple[int, ...], api_log_level: str = "",
         gorb.stop()
         api_log = (work / "api.log").read_text()
         shutil.rmtree(work, ignore_errors=True)
-    summary_floor = floor(work_floor := Path(tempfile.mkdtemp(prefix="gbfloor", dir="/tmp")),
-                          reqs, levels)
-    shutil.rmtree(work_floor, ignore_errors=True)
+    summary_floor = floor(reqs, levels)
     errors = [line for line in api_log.splitlines() if " ERROR " in line or " WARNING " in line]
     if errors:
         raise SystemExit("the API logged problems:\n" + "\n".join(errors[:20]))
@@ -386,12 +384,13 @@ def bench(n: int, rounds: int, levels: tuple[int, ...], api_log_level: str = "",
     return summary
 
 
-def floor(work: Path, reqs: dict, levels: tuple[int, ...]) -> dict:
+def floor(reqs: dict, levels: tuple[int, ...]) -> dict:
     """The API's HTTP layer alone (``tests/bench/stub_api.py``: the same app and server, a writer
     client that answers at once): CPU per request of that process, the floor under the API's."""
     port = PORT + 1
+    log = tempfile.TemporaryFile()  # its access lines: a pipe nobody reads would fill up
     proc = subprocess.Popen([sys.executable, "-m", "tests.bench.stub_api", str(port)], cwd=REPO,
-                            stdout=open(work / "stub.log", "ab"), stderr=subprocess.STDOUT)
+                            stdout=log, stderr=subprocess.STDOUT)
     out = {}
     try:
         deadline = time.monotonic() + 60
@@ -401,7 +400,8 @@ def floor(work: Path, reqs: dict, levels: tuple[int, ...]) -> dict:
                 break
             except OSError:
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit((work / "stub.log").read_text())
+                    log.seek(0)
+                    raise SystemExit(log.read().decode(errors="replace")) from None
                 time.sleep(0.1)
         # 4 x the workload: the CPU figures count 10 ms ticks.
         swap = [r.replace(f":{PORT}\r\n".encode(), f":{port}\r\n".encode())
@@ -418,6 +418,7 @@ def floor(work: Path, reqs: dict, levels: tuple[int, ...]) -> dict:
     finally:
         proc.terminate()
         proc.wait()
+        log.close()
     return out
 
 

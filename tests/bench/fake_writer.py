@@ -10,10 +10,5 @@ from services.ipvs_writer.main import main
 from tests.service.fake_kernel import FakeKernel
 
 
-class _Kernel(FakeKernel):
-    def close(self) -> None:  # the real adapter closes its netlink sockets
-        pass
-
-
 if __name__ == "__main__":
-    sys.exit(main(kernel_factory=_Kernel))
+    sys.exit(main(kernel_factory=FakeKernel))

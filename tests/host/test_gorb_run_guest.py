@@ -18,7 +18,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -26,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from services.launcher import netns, uml
+from services.launcher.relay import connect_in
 
 REPO = Path(__file__).resolve().parents[2]
 GORB = str(Path(sys.executable).with_name("gorb"))
@@ -41,40 +41,29 @@ pytestmark = [
 
 
 class InNetns:
-    """HTTP to 127.0.0.1 of another network namespace, from a thread that entered it."""
+    """HTTP to 127.0.0.1 of another network namespace, on a socket made inside it."""
 
     def __init__(self, ns: str):
         self.ns = ns
 
     def request(self, method: str, path: str, body: dict | None = None,
                 timeout: float = 10) -> tuple[int, bytes]:
-        out: dict = {}
-
-        def work() -> None:
-            fd = netns.open_ns(self.ns)
-            try:
-                netns.enter(fd)
-            finally:
-                os.close(fd)
-            try:
-                conn = http.client.HTTPConnection("127.0.0.1", PORT, timeout=timeout)
-                data = json.dumps(body).encode() if body is not None else None
-                conn.request(method, path, body=data,
-                             headers={"Content-Type": "application/json"} if data else {})
-                resp = conn.getresponse()
-                out["r"] = (resp.status, resp.read())
-                conn.close()
-            except OSError as exc:
-                out["e"] = exc
-
-        t = threading.Thread(target=work, daemon=True)
-        t.start()
-        t.join(timeout + 5)
-        if "e" in out:
-            raise out["e"]
-        if "r" not in out:
-            raise TimeoutError(f"{method} {path}: no answer")
-        return out["r"]
+        fd = netns.open_ns(self.ns)
+        try:
+            sock = connect_in(fd, ("127.0.0.1", PORT), timeout=timeout)
+        finally:
+            os.close(fd)
+        sock.settimeout(timeout)
+        conn = http.client.HTTPConnection("127.0.0.1", PORT, timeout=timeout)
+        conn.sock = sock
+        try:
+            data = json.dumps(body).encode() if body is not None else None
+            conn.request(method, path, body=data,
+                         headers={"Content-Type": "application/json"} if data else {})
+            resp = conn.getresponse()
+            return resp.status, resp.read()
+        finally:
+            conn.close()
 
 
 def quickstart() -> list[str]:

@@ -32,7 +32,6 @@ import json
 import os
 import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -41,8 +40,8 @@ import pytest
 
 from services.launcher import netns as launcher_netns
 from tests.consul_double import ConsulDouble
-from tests.sandbox.conftest import REPO, ipvsadm, sh
-from tests.sandbox.test_supervised import API_PORT, Gorb, poll, proc_table
+from tests.sandbox.conftest import ipvsadm, sh
+from tests.sandbox.test_supervised import Gorb, poll, proc_table
 from tests.sandbox.topology import _batch
 
 pytestmark = pytest.mark.timeout(300)
@@ -57,47 +56,15 @@ SOON = 15.0    # "within seconds" in the guest, where every process is ~5x slowe
 NO_PULSE = {"type": "none"}
 
 
-def in_netns(ns_fd: int, fn):
-    """``fn()`` on a thread that entered the namespace ``ns_fd`` (sockets it makes live there)."""
-    out: dict = {}
-
-    def work() -> None:
-        try:
-            launcher_netns.enter(ns_fd)
-            out["value"] = fn()
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
-            out["error"] = exc
-
-    t = threading.Thread(target=work, name="in-netns", daemon=True)
-    t.start()
-    t.join()
-    if "error" in out:
-        raise out["error"]
-    return out["value"]
-
-
 class Host(Gorb):
     """``gorb run`` in ``ns`` configured as one of the two discovery hosts."""
 
-    def __init__(self, ns: str, root: Path, name: str) -> None:  # noqa: D107 - Gorb's, own config
-        self.ns, self.root, self.name = ns, root, name
-        self.api_address = ("127.0.0.1", API_PORT)
-        self.run_dir = root / "run"
-        self.config = root / "gorb.toml"
-        self.config.write_text(
-            f'[api]\nlisten = "127.0.0.1:{API_PORT}"\n'
-            f'[writer]\nstate_file = "{root}/state/state.json"\nreconcile_interval = 1.0\n'
+    def __init__(self, ns: str, root: Path, name: str) -> None:
+        self.name = name
+        super().__init__(ns, root, extra_config=(
             "[pulse]\nworkers = 1\n"
             f'[discovery]\nconsul = "{CONSUL_URL}"\nkv_prefix = "gorb"\nhostname = "{name}"\n'
-            'id_format = "{service}@{host}"\ncheck_interval = 1.0\nretry_max = 2.0\n')
-        self.out = root / "gorb-run.out"
-        self._ns_fd = launcher_netns.open_ns(ns)
-        with open(self.out, "wb") as out:
-            self.proc = subprocess.Popen(
-                ["ip", "netns", "exec", ns, sys.executable, "-m", "services.launcher", "run",
-                 "--config", str(self.config), "--runtime-dir", str(self.run_dir),
-                 "--log-dir", str(root / "log")],
-                cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+            'id_format = "{service}@{host}"\ncheck_interval = 1.0\nretry_max = 2.0\n'))
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -124,7 +91,7 @@ class Backend:
     passes while it listens and is refused once it is closed."""
 
     def __init__(self, ns_fd: int):
-        self.sock = in_netns(ns_fd, lambda: socket.create_server(BACKEND))
+        self.sock = launcher_netns.call_in(ns_fd, lambda: socket.create_server(BACKEND))
         threading.Thread(target=self._accept, name="backend", daemon=True).start()
 
     def _accept(self) -> None:
@@ -158,10 +125,10 @@ class Pair:
         def delete() -> bool:
             return client.Consul(host=CONSUL_IP, port=CONSUL_PORT).kv.delete(prefix, recurse=True)
 
-        assert in_netns(self.cs_fd, delete)
+        assert launcher_netns.call_in(self.cs_fd, delete)
 
     def restart_consul(self) -> None:
-        in_netns(self.cs_fd, self.consul.start)
+        launcher_netns.call_in(self.cs_fd, self.consul.start)
 
     def registrations(self) -> dict[str, dict]:
         return self.consul.services
@@ -193,7 +160,7 @@ def pair(tmp_path_factory, request):
     sh(" && ".join([_batch(cs, cs_cmds)] + [_batch(ns, cmds) for ns, cmds in peers.items()]))
     cs_fd = launcher_netns.open_ns(cs)
     consul = ConsulDouble(CONSUL_IP, CONSUL_PORT, jitter=False)
-    in_netns(cs_fd, consul.start)
+    launcher_netns.call_in(cs_fd, consul.start)
     hosts: list[Host] = []
     try:
         t0 = time.monotonic()

@@ -62,7 +62,8 @@ class Gorb:
     """
 
     def __init__(self, ns: str, root: Path, listen: str = f"127.0.0.1:{API_PORT}",
-                 device: str | None = None) -> None:
+                 device: str | None = None, extra_config: str = "") -> None:
+        """``extra_config``: more TOML (whole sections) after the [api] and [writer] ones."""
         self.ns, self.root = ns, root
         self.api_address = (listen.rpartition(":")[0] or "127.0.0.1",
                             int(listen.rpartition(":")[2]))
@@ -72,7 +73,7 @@ class Gorb:
         self.config.write_text(
             f'[api]\nlisten = "{listen}"\n'
             f'[writer]\nstate_file = "{root}/state/state.json"\nreconcile_interval = 1.0\n'
-            f'{device_line}')
+            f'{device_line}{extra_config}')
         self.out = root / "gorb-run.out"
         self._ns_fd = launcher_netns.open_ns(ns)
         with open(self.out, "wb") as out:

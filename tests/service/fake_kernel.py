@@ -92,6 +92,9 @@ class FakeKernel:
             self.calls.append("flush")
             self.table.clear()
 
+    def close(self) -> None:
+        """The real adapter closes its netlink sockets; nothing to close here."""
+
     # one op -------------------------------------------------------------------------------------
 
     def _one(self, op: Op) -> Exception | None:
