@@ -36,8 +36,9 @@ def test_file_store_applies_documents_and_isolates_bad_files(hosts, store_dir): 
     write(store_dir, "broken.json", b"{")
     write(store_dir, "README", b"hello")
     h = hosts(store_dir=str(store_dir), store_poll=0.2)
-    eventually(lambda: "web" in h.views(), what="the file's service")
-    views = h.views()
+    # the service and its backend are separate requests: wait for both, not the first
+    views = eventually(lambda: (v := h.views()) and "a" in v.get("web", {}).get("backends", {})
+                       and v, what="the file's service and its good backend")
     assert set(views) == {"web"} and set(views["web"]["backends"]) == {"a"}
     assert (2, 6, "10.0.0.1", 80, 0) in h.writer_objs.kernel.table
     status = h.ask("store.status", {})["data"]
