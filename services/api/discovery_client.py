@@ -19,13 +19,10 @@ Either wait running out is ``DiscoveryUnavailable`` (the API's 503).
 
 from __future__ import annotations
 
-from typing import Any
-
 import gevent
 import zmq.green
 from gevent.event import AsyncResult
 
-from common.envelope import Envelope, encode
 from services.api.writer_client import WriterClient
 
 CONNECT_TIMEOUT = 2.0
@@ -42,19 +39,11 @@ class DiscoveryClient(WriterClient):
         super().__init__(ctx, endpoint, timeout, src)
         self.connect_timeout = connect_timeout
 
-    def request(self, type_: str, body: dict[str, Any], timeout: float | None = None) -> dict:
-        """discovery's reply body to one request; ``DiscoveryUnavailable`` if it has none."""
-        timeout = self.timeout if timeout is None else timeout
-        env = Envelope.new(type_, body, self.src)
-        result = AsyncResult()
-        self._waiting[env.id] = result
-        try:
-            with gevent.Timeout(self.connect_timeout, DiscoveryUnavailable(
-                    f"discovery is not running (nothing listens on {self.endpoint})")):
-                with self._send_lock:
-                    self._send(encode(env))
-            with gevent.Timeout(timeout, DiscoveryUnavailable(
-                    f"discovery did not answer within {timeout:g}s")):
-                return result.get()
-        finally:
-            self._waiting.pop(env.id, None)
+    def _exchange(self, data: bytes, result: AsyncResult, timeout: float) -> dict:
+        """discovery's reply; ``DiscoveryUnavailable`` if it has none (the two waits above)."""
+        with gevent.Timeout(self.connect_timeout, DiscoveryUnavailable(
+                f"discovery is not running (nothing listens on {self.endpoint})")):
+            self._send(data)
+        with gevent.Timeout(timeout, DiscoveryUnavailable(
+                f"discovery did not answer within {timeout:g}s")):
+            return result.get()

@@ -67,23 +67,27 @@ class WriterClient:
         # Registered before sending: the reply cannot overtake the registration.
         self._waiting[env.id] = result
         try:
-            with gevent.Timeout(timeout, WriterUnavailable(
-                    f"ipvs-writer did not answer within {timeout:g}s ({self.endpoint})")):
-                with self._send_lock:
-                    self._send(encode(env))
-                return result.get()
+            return self._exchange(encode(env), result, timeout)
         finally:
             self._waiting.pop(env.id, None)
+
+    def _exchange(self, data: bytes, result: AsyncResult, timeout: float) -> dict:
+        """Send ``data`` and wait for its reply in ``result``: one timeout for both."""
+        with gevent.Timeout(timeout, WriterUnavailable(
+                f"ipvs-writer did not answer within {timeout:g}s ({self.endpoint})")):
+            self._send(data)
+            return result.get()
 
     def _send(self, data: bytes) -> None:
         # IMMEDIATE: with no writer connected the send would block; wait for one (the caller's
         # Timeout bounds the wait) instead of queueing for a writer that may never come.
-        while True:
-            try:
-                self._socket.send(data, zmq.NOBLOCK)
-                return
-            except zmq.Again:
-                self._socket.poll(100, zmq.POLLOUT)
+        with self._send_lock:
+            while True:
+                try:
+                    self._socket.send(data, zmq.NOBLOCK)
+                    return
+                except zmq.Again:
+                    self._socket.poll(100, zmq.POLLOUT)
 
     def _read(self) -> None:
         while True:

@@ -19,7 +19,8 @@ from __future__ import annotations
 import errno as errno_mod
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from functools import partial
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -51,7 +52,15 @@ from services.ipvs_writer.targets import (
     targets,
     update_targets,
 )
-from services.ipvs_writer.weights import UNKNOWN, UP, Health, held_in, transition, weight
+from services.ipvs_writer.weights import (
+    UNKNOWN,
+    UP,
+    Health,
+    SlowStart,
+    held_in,
+    transition,
+    weight,
+)
 
 log = logging.getLogger(__name__)
 
@@ -76,12 +85,17 @@ def held(record: ServiceRecord) -> set[str]:
                    record.options.fail_open)
 
 
-def ktable(record: ServiceRecord) -> KService:
+def ktable(record: ServiceRecord, rsids: Iterable[str] | None = None) -> KService:
     """The kernel service (with dests) a service record asks for: each dest at the weight its
-    configured weight and its health give (``weights``)."""
+    configured weight and its health give (``weights``); only the backends ``rsids`` that it
+    has, when given."""
     svc = kservice(record.options, record.address)
     keep = held(record)
-    for rs, b in record.backends.items():
+    backends = record.backends
+    for rs in backends if rsids is None else rsids:
+        b = backends.get(rs)
+        if b is None:
+            continue
         d = kdest(b.options, b.address, weight(b.options.weight, b.health, rs in keep), svc.af)
         svc.dests[d.key] = d
     return svc
@@ -296,16 +310,9 @@ def _changed_dests(was: ServiceRecord, now: ServiceRecord) -> tuple[KService, KS
     if (was.options != now.options or was.address != now.address
             or was.options.fail_open > 0):
         return None
-    have, want = kservice(was.options, was.address), kservice(now.options, now.address)
-    for rsid in was.backends.keys() | now.backends.keys():
-        a, b = was.backends.get(rsid), now.backends.get(rsid)
-        if a is b:
-            continue
-        for table, r in ((have, a), (want, b)):
-            if r is not None:
-                d = kdest(r.options, r.address, weight(r.options.weight, r.health), table.af)
-                table.dests[d.key] = d
-    return have, want
+    changed = [rs for rs in was.backends.keys() | now.backends.keys()
+               if was.backends.get(rs) is not now.backends.get(rs)]
+    return ktable(was, changed), ktable(now, changed)
 
 
 def ops_between(old: Services, new: Services, vsids: set[str]) -> list[Op]:
@@ -484,10 +491,8 @@ class Engine:
                     backend = record.backends.get(rsid) if record else None
                     if backend is None:
                         continue
-                    h = backend.health
-                    if outcome.status == UP and h.status == UP and h.level >= 1.0:
-                        continue  # nearly every result: nothing moves, skip the slow-start lookup
-                    new = _health_after(h, outcome, msg.full, now, slow_start(record, backend))
+                    new = _health_after(backend.health, outcome, msg.full, now,
+                                        partial(slow_start, record, backend))
                     if new == backend.health:
                         continue
                     if new.status != backend.health.status:
@@ -601,17 +606,20 @@ class Engine:
             return messages.fail(err)
 
 
-def _health_after(h: Health, outcome: Outcome, full: bool, now: float, slow) -> Health:
+def _health_after(h: Health, outcome: Outcome, full: bool, now: float,
+                  slow: Callable[[], SlowStart]) -> Health:
     """A backend's health after one reported outcome. A full resend only corrects the status
     (it repeats results already counted); a failed check of a target still up (``fall`` not
-    reached) changes nothing; only a passed check advances a climb."""
+    reached) changes nothing; only a passed check advances a climb. ``slow`` (the backend's slow
+    start, a lookup) is asked only when the health may move: not for nearly every result, a
+    passed check of a backend already up at full weight."""
     if outcome.status == UNKNOWN:
         return h
     if full:
-        return transition(h, outcome.status, now, slow) if outcome.status != h.status else h
-    if outcome.status == UP and not outcome.ok:
+        return transition(h, outcome.status, now, slow()) if outcome.status != h.status else h
+    if outcome.status == UP and (not outcome.ok or (h.status == UP and h.level >= 1.0)):
         return h
-    return transition(h, outcome.status, now, slow)
+    return transition(h, outcome.status, now, slow())
 
 
 def _kernel_error(exc: Exception) -> GorbError:

@@ -7,6 +7,7 @@ share one target. ``none`` needs no check: such a backend is simply up.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from common.check_spec import CheckSpec
@@ -51,17 +52,9 @@ def backend_target(service: ServiceRecord, backend: BackendRecord) -> Target | N
 
 def targets(services: Services) -> dict[str, TargetGroup]:
     """Every check target of the desired state with the backends it stands for."""
-    out: dict[str, TargetGroup] = {}
-    for vsid, service in services.items():
-        for rsid, backend in service.backends.items():
-            t = backend_target(service, backend)
-            if t is None:
-                continue
-            group = out.get(t.key)
-            if group is None:
-                group = out[t.key] = TargetGroup(t)
-            group.members.append((vsid, rsid))
-    return out
+    groups: dict[str, TargetGroup] = {}
+    update_targets(groups, {}, services, services.keys())
+    return groups
 
 
 def _same_check(a: BackendRecord | None, b: BackendRecord | None) -> bool:
@@ -76,7 +69,7 @@ def _same_check(a: BackendRecord | None, b: BackendRecord | None) -> bool:
 
 
 def update_targets(groups: dict[str, TargetGroup], old: Services, new: Services,
-                   vsids: set[str]) -> None:
+                   vsids: Iterable[str]) -> None:
     """Bring ``groups`` (built from ``old``) up to ``new``, looking only at the services in
     ``vsids`` and, within a service whose pulse defaults did not change, only at the backends
     whose check changed: a weight change costs a comparison per backend of its service."""

@@ -52,19 +52,15 @@ import time
 from pathlib import Path
 
 import msgspec
-import zmq
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from common import runtime  # noqa: E402
-from common.envelope import Envelope, encode  # noqa: E402
 from common.model import BackendOptions, ServiceOptions  # noqa: E402
 from services.ipvs_writer import state  # noqa: E402
-from services.ipvs_writer.engine import Engine  # noqa: E402
-from services.ipvs_writer.loop import WriterLoop  # noqa: E402
 from services.ipvs_writer.weights import Health  # noqa: E402
-from tests.service.fake_kernel import FakeKernel  # noqa: E402
+from tests.service.writer_thread import WriterThread  # noqa: E402
 
 PORT = 8080
 SUSTAINED = 0.98            # share of the asked rate that counts as sustained (see README)
@@ -180,18 +176,11 @@ class Listeners:
 
 # --- the writer, in a thread --------------------------------------------------------------------
 
-class Writer:
-    """The writer's engine and loop over a FakeKernel, run in a thread; counts the outcomes it is
-    pushed, per worker index (full resends apart)."""
+class Writer(WriterThread):
+    """The writer's engine and loop over a FakeKernel, run in a thread (the service tests'
+    ``WriterThread``); counts the outcomes it is pushed, per worker index (full resends apart)."""
 
     def __init__(self, rundir: str, state_file: Path):
-        self.ctx = zmq.Context()
-        self.kernel = FakeKernel()
-        self.engine = Engine(state.load(state_file), self.kernel,
-                             lambda s: state.save(state_file, s))
-        self.engine.start()
-        self.loop = WriterLoop(self.engine, self.ctx, rundir, reconcile_interval=3600.0)
-        self.endpoint = runtime.endpoint(rundir, runtime.WRITER)
         self.counts: dict[int, int] = {}
         self.failed = 0  # checks that did not pass (none should, but for the closed listeners)
         self.first_fail: dict[str, dict] = {}  # target key -> its first failed result
@@ -200,6 +189,18 @@ class Writer:
         self._last_at: dict[str, float] = {}
         self.health_calls = 0
         self.health_seconds = 0.0
+        self.tid = 0
+        self.started = threading.Event()
+        super().__init__(rundir, state_file)
+        self.started.wait()
+
+    def _run(self) -> None:
+        self.tid = threading.get_native_id()
+        self._count_health()
+        self.started.set()
+        super()._run()
+
+    def _count_health(self) -> None:
         handle = self.engine.handle_health
 
         def counting(bodies):
@@ -226,20 +227,6 @@ class Writer:
             return out
 
         self.engine.handle_health = counting
-        self.tid = 0
-        self.error: BaseException | None = None
-        self.started = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="writer-loop", daemon=True)
-        self.thread.start()
-        self.started.wait()
-
-    def _run(self) -> None:
-        self.tid = threading.get_native_id()
-        self.started.set()
-        try:
-            self.loop.run()
-        except BaseException as exc:
-            self.error = exc
 
     def total(self) -> int:
         return sum(self.counts.values())
@@ -253,18 +240,6 @@ class Writer:
             svc = k.table.get(skey)
             d = svc.dests.get(dkey) if svc else None
             return None if d is None else d.weight
-
-    def stop(self) -> None:
-        self.loop.running = False
-        with self.ctx.socket(zmq.DEALER) as waker:
-            waker.setsockopt(zmq.LINGER, 0)
-            waker.connect(self.endpoint)
-            waker.send(encode(Envelope.new("service.list", {}, "bench-stop")))
-            self.thread.join(5)
-        self.loop.close()
-        self.ctx.destroy(linger=0)
-        if self.error:
-            raise self.error
 
 
 def cpu_seconds(stat_path: str) -> float:

@@ -40,9 +40,8 @@ from services.api.writer_client import WriterClient
 from services.discovery.syncer import Syncer
 from tests.consul_double import ConsulDouble
 from tests.service.test_api_support import WriterThread, free_port, request, short_rundir
-from tests.service.test_discovery_consul import (  # noqa: F401 - base is a fixture
+from tests.service.test_discovery_consul import (
     Host,
-    base,
     eventually,
     kv_delete,
     kv_put,
@@ -305,14 +304,7 @@ def test_the_api_process_asks_discovery_only_with_a_store(fake, rundir, tmp_path
 # --- against the real discovery, writer and Consul double ---------------------------------------
 
 @pytest.fixture
-def consul():
-    double = ConsulDouble(jitter=False).start()
-    yield double
-    double.stop()
-
-
-@pytest.fixture
-def host(base, consul):  # noqa: F811
+def host(base, consul):
     h = Host(base, "lb1", {"consul": consul.url, "kv_prefix": "gorb"})
     yield h
     try:

@@ -15,16 +15,8 @@ from services.discovery.blocking import Backoff
 from services.discovery.consul_adapter import ConsulAdapter, ConsulRefused, ConsulUnavailable
 from services.discovery.reconcile import Step
 from services.discovery.stores import ConsulStore, StoreConflict, StoreUnavailable
-from tests.consul_double import ConsulDouble
 
 pytestmark = pytest.mark.timeout(30)
-
-
-@pytest.fixture
-def consul():
-    double = ConsulDouble(jitter=False).start()
-    yield double
-    double.stop()
 
 
 def test_register_check_and_deregister(consul):

@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -101,20 +99,6 @@ def eventually(check, timeout: float = 8.0, what: str = "condition"):
             return got
         time.sleep(0.05)
     raise AssertionError(f"{what} not met within {timeout}s (last: {last})")
-
-
-@pytest.fixture
-def base():
-    d = Path(tempfile.mkdtemp(prefix="gorb-d-", dir="/tmp"))
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
-
-
-@pytest.fixture
-def consul():
-    double = ConsulDouble(jitter=False).start()
-    yield double
-    double.stop()
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from tests.service.test_discovery_consul import OK, base, eventually, hosts, svc  # noqa: F401
+from tests.service.test_discovery_consul import OK, eventually, hosts, svc  # noqa: F401
 
 pytestmark = pytest.mark.timeout(40)
 
@@ -23,7 +23,7 @@ def write(directory, name: str, doc) -> None:
 
 
 @pytest.fixture
-def store_dir(base):  # noqa: F811
+def store_dir(base):
     d = base / "services"
     d.mkdir()
     return d
