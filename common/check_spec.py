@@ -1,7 +1,7 @@
 """What one health check is: the type, the target after port overrides, the args and the timeout.
 
 Shared by the writer (which names targets by ``key`` and shards them) and the pulse worker
-(which runs them, ``services.pulse_worker.checks``). Pure: no sockets.
+(which runs them, ``gorb.services.pulse_worker.checks``). Pure: no sockets.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from typing import Any
 
 import msgspec
 
-from common.model import DEFAULT_PULSE_TIMEOUT, DEFAULT_PULSE_TYPE, PulseOptions
-from common.validation import parse_duration
+from gorb.common.model import DEFAULT_PULSE_TIMEOUT, DEFAULT_PULSE_TYPE, PulseOptions
+from gorb.common.validation import parse_duration
 
 DEFAULT_PORTS = {"http": 80, "https": 443, "dns": 53}
 # Args that are folded into other fields of the key (port: the target port; timeout: qk4l's
@@ -44,7 +44,7 @@ class CheckSpec:
 
     @classmethod
     def from_pulse(cls, pulse: PulseOptions, address: str, port: int) -> CheckSpec:
-        """The check of a resolved pulse (``common.validation.resolve_pulse``). qk4l's
+        """The check of a resolved pulse (``gorb.common.validation.resolve_pulse``). qk4l's
         ``args.timeout`` (integer seconds), when given and non-zero, wins over ``pulse.timeout``:
         after resolving, ``pulse.timeout`` always holds a value, so only the arg is explicit."""
         args = dict(pulse.args or {})

@@ -25,8 +25,11 @@ DEFAULT_PATH = "/etc/gorb/gorb.toml"
 
 
 class GorbSection(msgspec.Struct, forbid_unknown_fields=True):
-    runtime_dir: str = "/run/gorb"      # ipc sockets (0770) and supervisord's socket
+    runtime_dir: str = "/run/gorb"      # ipc sockets and supervisord's socket (root:<user>)
     log_level: str = "info"             # debug | info | warning
+    user: str = "gorb"                  # account of api, pulse-worker and discovery when gorb
+                                        # starts as root ("" = no drop); the writer keeps root's
+                                        # uid with CAP_NET_ADMIN only
 
 
 class ApiSection(msgspec.Struct, forbid_unknown_fields=True):

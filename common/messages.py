@@ -1,6 +1,6 @@
 """The writer's message family: commands and reads it answers, the reply, and the events it publishes.
 
-Every request is an envelope (``common.envelope``) whose ``type`` is a key of ``REQUESTS`` and whose
+Every request is an envelope (``gorb.common.envelope``) whose ``type`` is a key of ``REQUESTS`` and whose
 ``body`` decodes into the Struct named there; the reply's body is always a ``Reply``. Bodies::
 
     service.create  {"service": "web", "options": ServiceOptions, "address": "10.0.0.1"}
@@ -13,7 +13,7 @@ Every request is an envelope (``common.envelope``) whose ``type`` is a key of ``
     backend.update  {"service": "web", "backend": "a", "weight": 0}  # PATCH weight
     backend.delete  {"service": "web", "backend": "a"}
     backend.get     {"service": "web", "backend": "a"}   -> data: BackendView
-    pulse.targets   see common.pulse_messages (a worker's check targets)
+    pulse.targets   see gorb.common.pulse_messages (a worker's check targets)
     state.dump      {"stats": false}             -> data: {"services": {id: ServiceView}}
                     # stats: true adds the kernel's live view (one dump) to every service
 
@@ -35,9 +35,9 @@ from typing import Any
 
 import msgspec
 
-from common import errors
-from common.model import BackendOptions, ServiceOptions
-from common.pulse_messages import TargetsRequest
+from gorb.common import errors
+from gorb.common.model import BackendOptions, ServiceOptions
+from gorb.common.pulse_messages import TargetsRequest
 
 
 class ServiceCreate(msgspec.Struct, forbid_unknown_fields=True):

@@ -10,7 +10,7 @@ name and default; what GORB never had sits beside it with a default that changes
                     tunnel_type tunnel_port tunnel_flags
                     upper_threshold lower_threshold                 (gorb)
 
-Decoding and validation live in ``common.validation``; this module has no logic beyond constants.
+Decoding and validation live in ``gorb.common.validation``; this module has no logic beyond constants.
 """
 
 from __future__ import annotations

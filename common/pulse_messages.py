@@ -6,7 +6,7 @@
     pulse.targets.changed    event (topic "pulse.targets.changed", body {}): re-pull
 
 A target is one check: the same address, port and check under several services is one target
-(checked once); ``key`` (``common.check_spec.CheckSpec.key`` plus the timing) names it everywhere. ``status``/``since`` seed a worker's tracker with the
+(checked once); ``key`` (``gorb.common.check_spec.CheckSpec.key`` plus the timing) names it everywhere. ``status``/``since`` seed a worker's tracker with the
 writer's last known status, so a restarted or rebalanced worker does not flap weights.
 ``full`` marks a periodic resend of every target's latest outcome (lost messages heal).
 """

@@ -1,9 +1,9 @@
 """The store message family: requests the ``discovery`` process answers on its control socket.
 
 The API's ``GET /store/sync`` and ``GET /store/sync/status`` (qk4l's routes) are these two requests,
-sent as envelopes (``common.envelope``) to a ROUTER that ``discovery`` binds at
+sent as envelopes (``gorb.common.envelope``) to a ROUTER that ``discovery`` binds at
 ``ipc://<runtime_dir>/discovery.sock`` (``endpoint(runtime_dir)``). Replies use the one reply shape
-of ``common.messages.Reply`` ``{"ok", "errno", "reason", "data"}``::
+of ``gorb.common.messages.Reply`` ``{"ok", "errno", "reason", "data"}``::
 
     store.sync    {"force": false}
         ok     {"ok": true, "errno": "ok", "reason": "",
@@ -48,8 +48,8 @@ import os
 
 import msgspec
 
-from common import errors
-from common.runtime import endpoint as _endpoint
+from gorb.common import errors
+from gorb.common.runtime import endpoint as _endpoint
 
 # The control socket's name in the runtime directory (ipc://<runtime_dir>/discovery.sock).
 DISCOVERY = "discovery"

@@ -1,6 +1,6 @@
 """Thin pyzmq wrappers for gorb's three bus patterns; every message carries one envelope.
 
-Frames on the wire (``env`` is ``common.envelope.encode`` output)::
+Frames on the wire (``env`` is ``gorb.common.envelope.encode`` output)::
 
     request        DEALER -> ROUTER   [env]
     reply          ROUTER -> DEALER   [env]               same id, type = request type + ".reply"
@@ -28,7 +28,7 @@ from typing import Any
 
 import zmq
 
-from common.envelope import Envelope, EnvelopeError, decode, encode
+from gorb.common.envelope import Envelope, EnvelopeError, decode, encode
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Pure validation and normalisation of service and backend options, with GORB's error texts.
 
 ``decode_*`` turn an untyped mapping (a JSON body, a bus message body, a state file entry) into the
-Structs of ``common.model``; ``validate_*`` check and normalise them. Both raise
+Structs of ``gorb.common.model``; ``validate_*`` check and normalise them. Both raise
 ``GorbError(INVALID, text)`` and nothing else; no I/O happens here (host names are resolved by the
 caller, which passes the resulting IP literal as ``address``).
 
@@ -21,9 +21,9 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from common import errors
-from common.errors import GorbError, invalid
-from common.model import (
+from gorb.common import errors
+from gorb.common.errors import GorbError, invalid
+from gorb.common.model import (
     DEFAULT_PERSISTENCE_TIMEOUT,
     DEFAULT_PULSE_INTERVAL,
     DEFAULT_PULSE_TIMEOUT,

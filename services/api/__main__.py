@@ -1,4 +1,4 @@
-"""``python -m services.api``: the ``gorb-api`` program, gevent-patched before anything else."""
+"""``python -m gorb.services.api``: the ``gorb-api`` program, gevent-patched before anything else."""
 
 import sys
 
@@ -8,7 +8,7 @@ def run() -> int:
     from gevent import monkey
 
     monkey.patch_all()
-    from services.api.main import main
+    from gorb.services.api.main import main
 
     return main()
 

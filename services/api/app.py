@@ -13,7 +13,7 @@ Responses:
                            (known from ``[discovery]``, without asking discovery); 503 discovery
                            not running or not answering, or the writer or Consul not answering it
     GET /store/sync/status 200 discovery's StoreStatus (a dry run); 404 / 503 as above
-    errors                 {"error": "<text>"} with the status of ``common.errors.HTTP_STATUS``:
+    errors                 {"error": "<text>"} with the status of ``gorb.common.errors.HTTP_STATUS``:
                            400 invalid, 404 unknown object, 409 exists, 500 kernel or
                            state file, 503 no writer;
                            404 unknown path, 405 known path with another method (with Allow),
@@ -44,14 +44,14 @@ from prometheus_client import (
 )
 from prometheus_client.registry import CollectorRegistry
 
-from common import errors
-from common.errors import GorbError
-from common.validation import validate_backend, validate_object_id, validate_service
-from services.api import openapi, views
-from services.api.discovery_client import DiscoveryClient, DiscoveryUnavailable
-from services.api.metrics import RequestMetrics, WriterCollector
-from services.api.resolver import Resolver, is_ip, resolve_host
-from services.api.writer_client import WriterClient, WriterUnavailable
+from gorb.common import errors
+from gorb.common.errors import GorbError
+from gorb.common.validation import validate_backend, validate_object_id, validate_service
+from gorb.services.api import openapi, views
+from gorb.services.api.discovery_client import DiscoveryClient, DiscoveryUnavailable
+from gorb.services.api.metrics import RequestMetrics, WriterCollector
+from gorb.services.api.resolver import Resolver, is_ip, resolve_host
+from gorb.services.api.writer_client import WriterClient, WriterUnavailable
 
 log = logging.getLogger("api")
 access_log = logging.getLogger("api.access")
@@ -67,7 +67,7 @@ class BodyTooLarge(Exception):
 
 
 class BodyTimeout(Exception):
-    """The body did not arrive within the connection's idle timeout (``services.api.server``)."""
+    """The body did not arrive within the connection's idle timeout (``gorb.services.api.server``)."""
 
 
 def _json(status: int, value: Any, **headers: str) -> bottle.HTTPResponse:

@@ -1,8 +1,8 @@
 """The API's connection to discovery's control socket, for ``GET /store/sync[/status]``.
 
-Wire: the store family of ``common.store_messages`` (``store.sync {"force": bool}``,
+Wire: the store family of ``gorb.common.store_messages`` (``store.sync {"force": bool}``,
 ``store.status {}``) as envelopes to the ROUTER that ``discovery`` binds at
-``ipc://<runtime_dir>/discovery.sock``; replies are ``common.messages.Reply`` dicts.
+``ipc://<runtime_dir>/discovery.sock``; replies are ``gorb.common.messages.Reply`` dicts.
 
 The machinery is ``WriterClient``'s (one DEALER, one reader greenlet handing replies to waiters by
 envelope id); only the waiting differs, in two phases:
@@ -11,7 +11,7 @@ envelope id); only the waiting differs, in two phases:
            and no peer means discovery is not running -> 503 at once, not after the sync timeout
     reply  at most ``timeout`` (35 s): a sync applies a whole round (writer commands, KV
            write-backs) and discovery queues requests behind a running round for up to 30 s
-           (``services.discovery.syncer.Syncer.request``), so its own "busy" answer arrives
+           (``gorb.services.discovery.syncer.Syncer.request``), so its own "busy" answer arrives
            before this gives up
 
 Either wait running out is ``DiscoveryUnavailable`` (the API's 503).
@@ -23,7 +23,7 @@ import gevent
 import zmq.green
 from gevent.event import AsyncResult
 
-from services.api.writer_client import WriterClient
+from gorb.services.api.writer_client import WriterClient
 
 CONNECT_TIMEOUT = 2.0
 SYNC_TIMEOUT = 35.0

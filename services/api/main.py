@@ -6,7 +6,7 @@ discovery over ``ipc://<runtime_dir>/discovery.sock``). Exit codes: 0 on SIGTERM
 configuration problem or a listen address that cannot be bound, 70 when a reply-reader greenlet
 died of a bug (supervisord restarts the API).
 
-gevent: ``python -m services.api`` monkey-patches in its entry module (``__main__``) before anything
+gevent: ``python -m gorb.services.api`` monkey-patches in its entry module (``__main__``) before anything
 else is imported; this module only uses gevent's own APIs (pywsgi, zmq.green, gevent's resolver),
 so the ``gorb-api`` console script works unpatched as well.
 """
@@ -21,12 +21,12 @@ import sys
 import gevent
 import zmq.green
 
-from common import config, logs, runtime, store_messages
-from services.api.app import build
-from services.api.discovery_client import DiscoveryClient
-from services.api.resolver import Resolver, resolve_host
-from services.api.server import Server
-from services.api.writer_client import WriterClient
+from gorb.common import config, logs, runtime, store_messages
+from gorb.services.api.app import build
+from gorb.services.api.discovery_client import DiscoveryClient
+from gorb.services.api.resolver import Resolver, resolve_host
+from gorb.services.api.server import Server
+from gorb.services.api.writer_client import WriterClient
 
 log = logging.getLogger("api")
 

@@ -41,8 +41,8 @@ from prometheus_client import Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from services.api import views
-from services.api.writer_client import WriterUnavailable
+from gorb.services.api import views
+from gorb.services.api.writer_client import WriterUnavailable
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 Request bodies come from the model itself (``msgspec.json.schema_components`` of ServiceOptions and
 BackendOptions), so a field added to the model appears here without an edit; so do the replies of
-the /store routes (discovery's ``SyncResult`` and ``StoreStatus`` of ``common.store_messages``);
+the /store routes (discovery's ``SyncResult`` and ``StoreStatus`` of ``gorb.common.store_messages``);
 the other responses and errors are written out below. ``tests/service/test_api_wsgi.py`` walks the
 bottle routes and this document and fails when a route or method is missing from either side.
 
@@ -19,11 +19,11 @@ from typing import Any
 
 import msgspec
 
-from common.model import BackendOptions, ServiceOptions
-from common.store_messages import StoreStatus, SyncResult
+from gorb.common.model import BackendOptions, ServiceOptions
+from gorb.common.store_messages import StoreStatus, SyncResult
 
 REF = "#/components/schemas/{name}"
-OBJECT_ID = r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}$"  # common.validation.validate_object_id
+OBJECT_ID = r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}$"  # gorb.common.validation.validate_object_id
 
 
 def _ref(name: str) -> dict[str, str]:

@@ -12,8 +12,8 @@ from collections.abc import Callable
 
 import gevent.socket
 
-from common.errors import invalid
-from common.validation import canonical_ip, ip_family
+from gorb.common.errors import invalid
+from gorb.common.validation import canonical_ip, ip_family
 
 # getaddrinfo's "this name has no address" answers; anything else (EAI_AGAIN, ...) is reported
 # with its own text.

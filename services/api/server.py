@@ -23,7 +23,7 @@ from collections.abc import Callable
 from gevent.pool import Pool
 from gevent.pywsgi import WSGIHandler, WSGIServer
 
-from services.api import views
+from gorb.services.api import views
 
 log = logging.getLogger("api")
 

@@ -7,7 +7,7 @@ Bodies are decoded the way GORB's handlers did (``json.NewDecoder(r.Body).Decode
 - object keys match the fields case-insensitively (``"HOST"`` fills ``host``; of two spellings of
   one field the later wins), unknown keys are ignored, and ``null`` leaves a field at its default;
   pulse ``args`` is a free map and keeps its keys as sent;
-- a wrong type is a 400 with msgspec's text (``common.validation.decode``).
+- a wrong type is a 400 with msgspec's text (``gorb.common.validation.decode``).
 
 As in Go, a lone UTF-16 surrogate escape becomes U+FFFD, and ``"protocol": ""`` means tcp (Go
 cannot tell an empty string from a missing one). Deliberate differences: text after the JSON value
@@ -30,10 +30,10 @@ from typing import Any
 
 import msgspec
 
-from common import errors
-from common.errors import GorbError, invalid
-from common.model import BackendOptions, ServiceOptions
-from common.validation import decode, validate_weight
+from gorb.common import errors
+from gorb.common.errors import GorbError, invalid
+from gorb.common.model import BackendOptions, ServiceOptions
+from gorb.common.validation import decode, validate_weight
 
 MSG_EOF = "EOF"
 MSG_WEIGHT_REQUIRED = "weight is required"

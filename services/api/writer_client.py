@@ -1,13 +1,13 @@
 """The API's one connection to ipvs-writer, shared by every request greenlet.
 
-One zmq.green DEALER (built by ``common.transport.RequestClient``: IMMEDIATE, no linger) carries
+One zmq.green DEALER (built by ``gorb.common.transport.RequestClient``: IMMEDIATE, no linger) carries
 every request. Request greenlets never read the socket: each registers an ``AsyncResult`` under its
 envelope id, sends, and waits on it; a single named reader greenlet (``writer-replies``) reads every
 reply and hands it to the waiter with the same id. So two greenlets can never take each other's
 replies, and a reply arriving after its waiter gave up (timed out) is dropped and counted.
 
-Wire: ``[envelope]`` out, ``[envelope]`` back with the same id (``common.transport``); the bodies
-are ``common.messages``.
+Wire: ``[envelope]`` out, ``[envelope]`` back with the same id (``gorb.common.transport``); the bodies
+are ``gorb.common.messages``.
 
 A writer that does not take or answer a request within the timeout is ``WriterUnavailable`` (the
 API's 503). The DEALER reconnects by itself, so once a restarted writer binds its endpoint again,
@@ -26,8 +26,8 @@ import zmq
 import zmq.green
 from gevent.event import AsyncResult
 
-from common.envelope import Envelope, EnvelopeError, decode, encode
-from common.transport import RequestClient
+from gorb.common.envelope import Envelope, EnvelopeError, decode, encode
+from gorb.common.transport import RequestClient
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ class WriterClient:
         self._dealer.close()
 
     def request(self, type_: str, body: dict[str, Any], timeout: float | None = None) -> dict:
-        """The writer's reply body (``common.messages.Reply`` as a dict) to one request."""
+        """The writer's reply body (``gorb.common.messages.Reply`` as a dict) to one request."""
         timeout = self.timeout if timeout is None else timeout
         env = Envelope.new(type_, body, self.src)
         result = AsyncResult()

@@ -8,6 +8,6 @@
     consul_adapter  the only importer of ``consul`` (py-consul)
     stores          Consul KV and directory stores: read, watch, write back with CAS
     registrar       the registration loop          syncer   the store sync loop
-    control         the control socket (common.store_messages) for the API
+    control         the control socket (gorb.common.store_messages) for the API
     service         which loops run, from [discovery]   main / __main__   the program
 """

@@ -1,4 +1,4 @@
-"""``python -m services.discovery``: gevent patches first (here only), then the program."""
+"""``python -m gorb.services.discovery``: gevent patches first (here only), then the program."""
 
 import sys
 
@@ -8,7 +8,7 @@ def run() -> int:
     from gevent import monkey
 
     monkey.patch_all()
-    from services.discovery.main import main
+    from gorb.services.discovery.main import main
 
     return main()
 

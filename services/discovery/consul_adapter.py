@@ -9,7 +9,7 @@ ecosystem §1):
 - proxies from the environment are ignored (``trust_env = False``): the agent is local, and an
   ``HTTP_PROXY`` inherited by the process would send agent calls to the proxy;
 - the ACL token is the configured one only: py-consul lets ``CONSUL_HTTP_TOKEN`` override an
-  explicit token, and gorb reads no environment outside ``common.config``;
+  explicit token, and gorb reads no environment outside ``gorb.common.config``;
 - every transport failure (refused, reset, timeout, a 5xx, a body that is not JSON) is one
   ``ConsulUnavailable``, which callers retry with backoff; a 4xx (ACL denied, bad request) is
   ``ConsulRefused``, an answer that retrying will not change.
@@ -30,7 +30,7 @@ import consul
 import consul.exceptions
 import requests
 
-from common.config import ConfigError
+from gorb.common.config import ConfigError
 
 DEFAULT_TIMEOUT = 5.0  # GORB's Go client timeout (gorb-spec §5.1)
 

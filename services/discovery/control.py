@@ -1,5 +1,5 @@
 """The control socket: a ROUTER at ``ipc://<runtime_dir>/discovery.sock`` answering the store
-family of ``common.store_messages`` (``store.sync``, ``store.status``) for the API.
+family of ``gorb.common.store_messages`` (``store.sync``, ``store.status``) for the API.
 
 Requests are handed to the sync loop, which runs them one at a time between its own rounds, so a
 ``store.sync`` never overlaps another round. With no store configured every request is answered
@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import logging
 
-from common import errors, messages, store_messages
-from common.errors import GorbError
-from common.transport import RouterServer
+from gorb.common import errors, messages, store_messages
+from gorb.common.errors import GorbError
+from gorb.common.transport import RouterServer
 
 log = logging.getLogger("discovery")
 SRC = "discovery"

@@ -24,7 +24,7 @@ Rules, each a deliberate fix of GORB's store (gorb-spec §5.2-5.3, §8.19):
 - ``weight``: absent means 100 as on create; 0 means drained (GORB's PATCH), so a drain made over
   REST survives the round trip through the store; negative is an error;
 - the store is "empty" when it has no service document (good or bad) and no ``format`` marker:
-  an empty store never deletes anything unless forced (``services.discovery.reconcile``). gorb
+  an empty store never deletes anything unless forced (``gorb.services.discovery.reconcile``). gorb
   writes the marker with its first write-back, so removing the last service over REST on one
   host still removes it from the others.
 
@@ -38,9 +38,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from common.errors import GorbError, invalid
-from common.model import DEFAULT_WEIGHT, BackendOptions, ServiceOptions
-from common.validation import decode, validate_backend, validate_object_id, validate_service
+from gorb.common.errors import GorbError, invalid
+from gorb.common.model import DEFAULT_WEIGHT, BackendOptions, ServiceOptions
+from gorb.common.validation import decode, validate_backend, validate_object_id, validate_service
 
 FORMAT_VERSION = 1
 MARKER = "format"

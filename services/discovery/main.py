@@ -13,9 +13,9 @@ import sys
 
 import zmq.green as zmq
 
-from common import config, logs, loops
-from common.transport import TransportError
-from services.discovery.service import Discovery
+from gorb.common import config, logs, loops
+from gorb.common.transport import TransportError
+from gorb.services.discovery.service import Discovery
 
 log = logging.getLogger("discovery")
 

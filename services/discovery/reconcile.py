@@ -2,7 +2,7 @@
 agreed state, into writer commands and store write-backs, with the safety rule.
 
 Each object (a service, or a backend of a service) is compared in normalised form: both sides go
-through ``common.validation`` first (with the address the writer resolved), so a document without
+through ``gorb.common.validation`` first (with the address the writer resolved), so a document without
 ``protocol`` or ``host``, or with ``"TCP"``, equals what the writer stores and never flaps
 (GORB compared raw values and re-created such services on every round, §8.19). Then, per object,
 with ``s`` the store's value, ``w`` the writer's and ``b`` the last value both had (``base``):
@@ -12,7 +12,7 @@ with ``s`` the store's value, ``w`` the writer's and ``b`` the last value both h
     s == b, w != b                  gorb changed (REST): written back to the store (Consul only;
                                     a read-only store has no base, so it always wins)
 
-Commands are ordinary writer requests (``common.messages``)::
+Commands are ordinary writer requests (``gorb.common.messages``)::
 
     service   missing in gorb           service.create, then backend.create for its backends
               missing in the store      service.delete (its backends go with it)
@@ -45,9 +45,9 @@ from typing import Any
 
 import msgspec
 
-from common.errors import GorbError
-from common.model import BackendOptions, ServiceOptions
-from common.store_messages import (
+from gorb.common.errors import GorbError
+from gorb.common.model import BackendOptions, ServiceOptions
+from gorb.common.store_messages import (
     STATUS_NEED_SYNC,
     STATUS_OK,
     STATUS_REFUSED,
@@ -56,18 +56,18 @@ from common.store_messages import (
     ObjectError,
     WriteLists,
 )
-from common.validation import (
+from gorb.common.validation import (
     canonical_ip,
     decode,
     ip_family,
     validate_backend,
     validate_service,
 )
-from services.discovery import documents as docs
-from services.discovery.documents import StoreObjects
+from gorb.services.discovery import documents as docs
+from gorb.services.discovery.documents import StoreObjects
 
 # The fields of a service's kernel key: the writer refuses to change them in place
-# (services.ipvs_writer.engine.KEY_FIELDS), so a change is a delete and a re-create.
+# (gorb.services.ipvs_writer.engine.KEY_FIELDS), so a change is a delete and a re-create.
 KEY_FIELDS = ("host", "port", "protocol", "fwmark", "family")
 
 GORB, STORE = "gorb", "store"  # the side an action changes

@@ -1,5 +1,5 @@
 """The registration loop: keeps the local Consul agent's registrations and checks equal to the
-writer's services (``services.discovery.registry`` says what they should be).
+writer's services (``gorb.services.discovery.registry`` says what they should be).
 
 A cycle: ``state.dump`` from the writer, ``GET /v1/agent/services``, then register what is missing
 or different (an agent restarted with an empty state, a service changed), deregister ours that are
@@ -22,10 +22,10 @@ from collections.abc import Callable
 import gevent
 import gevent.event
 
-from common.transport import TransportError
-from services.discovery import registry
-from services.discovery.blocking import Backoff
-from services.discovery.consul_adapter import ConsulAdapter, ConsulRefused, ConsulUnavailable
+from gorb.common.transport import TransportError
+from gorb.services.discovery import registry
+from gorb.services.discovery.blocking import Backoff
+from gorb.services.discovery.consul_adapter import ConsulAdapter, ConsulRefused, ConsulUnavailable
 
 log = logging.getLogger("discovery")
 

@@ -17,7 +17,7 @@ expects one agent per host; gorb hosts sharing one agent (a test bed) would regi
 so a gorb registration of another host under our ID is reported as a conflict, never overwritten:
 give them ``discovery.id_format = "{service}@{host}"`` (Name stays the service id, so the catalog
 lists one instance of the service per gorb host). Inputs are the ``state.dump`` views of
-``services.ipvs_writer.engine``.
+``gorb.services.ipvs_writer.engine``.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from services.discovery.consul_adapter import CRITICAL, PASSING, WARNING
+from gorb.services.discovery.consul_adapter import CRITICAL, PASSING, WARNING
 
 TAG = "gorb"
 META_HOST = "gorb_host"

@@ -6,11 +6,11 @@
     watch      (a store configured) Consul blocking queries on the KV prefix, or polling of
                ``store_dir``: wakes the sync on every change
     sync       (a store configured) the store sync, ``syncer.Syncer``
-    control    the ROUTER of ``common.store_messages`` (always: without a store it answers 404)
+    control    the ROUTER of ``gorb.common.store_messages`` (always: without a store it answers 404)
 
 Each Consul-facing loop has its own adapter (its own HTTP session) and each writer-facing loop its
 own DEALER, so no loop ever waits on another's connection. ``check`` validates the
-``[discovery]`` section beyond its types (``common.config`` only knows the types).
+``[discovery]`` section beyond its types (``gorb.common.config`` only knows the types).
 """
 
 from __future__ import annotations
@@ -21,16 +21,16 @@ from collections.abc import Callable
 
 import gevent
 
-from common import runtime, store_messages
-from common.config import ConfigError, DiscoverySection
-from common.transport import RequestClient, RouterServer, Subscriber
-from services.discovery import registry
-from services.discovery.blocking import Backoff
-from services.discovery.consul_adapter import ConsulAdapter, parse_url
-from services.discovery.control import ControlServer
-from services.discovery.registrar import Registrar
-from services.discovery.stores import ConsulStore, FileStore
-from services.discovery.syncer import Syncer
+from gorb.common import runtime, store_messages
+from gorb.common.config import ConfigError, DiscoverySection
+from gorb.common.transport import RequestClient, RouterServer, Subscriber
+from gorb.services.discovery import registry
+from gorb.services.discovery.blocking import Backoff
+from gorb.services.discovery.consul_adapter import ConsulAdapter, parse_url
+from gorb.services.discovery.control import ControlServer
+from gorb.services.discovery.registrar import Registrar
+from gorb.services.discovery.stores import ConsulStore, FileStore
+from gorb.services.discovery.syncer import Syncer
 
 log = logging.getLogger("discovery")
 SRC = "discovery"
@@ -91,7 +91,7 @@ class Discovery:
         self.syncer = None
         if self.store is not None:
             if resolve is None:
-                from services.api.resolver import resolve_host as resolve
+                from gorb.services.api.resolver import resolve_host as resolve
             self.syncer = Syncer(self.store, RequestClient(ctx, writer, f"{SRC}-sync"),
                                  section.max_delete_share, resolve, backoff(),
                                  resync=30.0 if self.store.writable else None)

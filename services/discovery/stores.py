@@ -1,9 +1,9 @@
 """The two configuration stores as I/O shells: Consul KV (read, watch, write back with CAS) and a
-read-only directory. Layout and document format: ``services.discovery.documents``.
+read-only directory. Layout and document format: ``gorb.services.discovery.documents``.
 
 ``ConsulStore.watch`` runs blocking queries on ``<prefix>/`` (``wait`` 30 s) and calls
 ``on_change`` whenever the tree differs from the last one seen (and once after every outage),
-following the index rules of ``services.discovery.blocking``. ``FileStore.watch`` polls.
+following the index rules of ``gorb.services.discovery.blocking``. ``FileStore.watch`` polls.
 
 Write-backs (``ConsulStore.write``) are compare-and-set on the key's ModifyIndex: the key is read,
 and written only if it still holds the bytes the round planned from (``Step.expect``), with
@@ -22,11 +22,11 @@ import stat
 from collections.abc import Callable
 from pathlib import Path
 
-from services.discovery import documents as docs
-from services.discovery.blocking import Backoff, next_index
-from services.discovery.consul_adapter import ConsulAdapter, ConsulRefused, ConsulUnavailable
-from services.discovery.documents import StoreObjects
-from services.discovery.reconcile import Step
+from gorb.services.discovery import documents as docs
+from gorb.services.discovery.blocking import Backoff, next_index
+from gorb.services.discovery.consul_adapter import ConsulAdapter, ConsulRefused, ConsulUnavailable
+from gorb.services.discovery.documents import StoreObjects
+from gorb.services.discovery.reconcile import Step
 
 log = logging.getLogger("discovery")
 

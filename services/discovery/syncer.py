@@ -2,7 +2,7 @@
 every round, whether started by a store change, a writer event, a timer or a control request.
 
 A round: ``state.dump`` from the writer, a fresh read of the store, ``reconcile.plan``, then each
-action's steps in order — writer commands over the bus (ordinary ``common.messages`` requests,
+action's steps in order — writer commands over the bus (ordinary ``gorb.common.messages`` requests,
 exactly what the API would send) and write-backs to the store. Errors are per object: a command
 the writer refuses or a write-back that lost its compare-and-set is reported and the round goes
 on. The writer or the store not answering ends the round; it is retried with backoff.
@@ -30,9 +30,9 @@ import gevent.event
 import gevent.queue
 import msgspec
 
-from common import errors, messages
-from common.errors import GorbError
-from common.store_messages import (
+from gorb.common import errors, messages
+from gorb.common.errors import GorbError
+from gorb.common.store_messages import (
     STATUS_OK,
     STATUS_PARTIAL,
     STATUS_REFUSED,
@@ -42,12 +42,12 @@ from common.store_messages import (
     SyncRequest,
     SyncResult,
 )
-from common.transport import TransportError
-from common.validation import canonical_ip
-from services.discovery import documents as docs
-from services.discovery import reconcile
-from services.discovery.blocking import Backoff
-from services.discovery.stores import StoreConflict, StoreUnavailable
+from gorb.common.transport import TransportError
+from gorb.common.validation import canonical_ip
+from gorb.services.discovery import documents as docs
+from gorb.services.discovery import reconcile
+from gorb.services.discovery.blocking import Backoff
+from gorb.services.discovery.stores import StoreConflict, StoreUnavailable
 
 log = logging.getLogger("discovery")
 

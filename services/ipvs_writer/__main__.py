@@ -1,7 +1,7 @@
-"""``python -m services.ipvs_writer``: the same as the ``gorb-ipvs-writer`` console script."""
+"""``python -m gorb.services.ipvs_writer``: the same as the ``gorb-ipvs-writer`` console script."""
 
 import sys
 
-from services.ipvs_writer.main import main
+from gorb.services.ipvs_writer.main import main
 
 sys.exit(main())

@@ -17,8 +17,8 @@ import socket
 import struct
 from collections.abc import Iterator
 
-from common.model import OWNED_SERVICE_FLAGS
-from services.ipvs_writer.table import KDest, KService, Op
+from gorb.common.model import OWNED_SERVICE_FLAGS
+from gorb.services.ipvs_writer.table import KDest, KService, Op
 
 NLMSG_ERROR = 2
 NLMSG_DONE = 3

@@ -26,10 +26,10 @@ from typing import Any, Protocol
 
 import msgspec
 
-from common import errors, messages
-from common.errors import GorbError
-from common.model import ServiceOptions
-from common.validation import (
+from gorb.common import errors, messages
+from gorb.common.errors import GorbError
+from gorb.common.model import ServiceOptions
+from gorb.common.validation import (
     canonical_ip,
     check_pulse,
     decode,
@@ -39,11 +39,11 @@ from common.validation import (
     validate_service,
     validate_weight,
 )
-from services.ipvs_writer.state import BackendRecord, ServiceRecord, Services, endpoints
-from common.pulse_messages import HealthResults, Outcome
-from common.shard import owner
-from services.ipvs_writer.table import KService, Op, SKey, kdest, kservice, plan
-from services.ipvs_writer.targets import (
+from gorb.services.ipvs_writer.state import BackendRecord, ServiceRecord, Services, endpoints
+from gorb.common.pulse_messages import HealthResults, Outcome
+from gorb.common.shard import owner
+from gorb.services.ipvs_writer.table import KService, Op, SKey, kdest, kservice, plan
+from gorb.services.ipvs_writer.targets import (
     Member,
     TargetGroup,
     backend_target,
@@ -52,7 +52,7 @@ from services.ipvs_writer.targets import (
     targets,
     update_targets,
 )
-from services.ipvs_writer.weights import (
+from gorb.services.ipvs_writer.weights import (
     UNKNOWN,
     UP,
     Health,

@@ -14,10 +14,10 @@ import time
 
 import zmq
 
-from common import messages, runtime
-from common.envelope import Envelope
-from common.transport import Publisher, Puller, RouterServer
-from services.ipvs_writer.engine import Engine
+from gorb.common import messages, runtime
+from gorb.common.envelope import Envelope
+from gorb.common.transport import Publisher, Puller, RouterServer
+from gorb.services.ipvs_writer.engine import Engine
 
 log = logging.getLogger(__name__)
 SRC = "ipvs-writer"

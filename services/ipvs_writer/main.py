@@ -17,11 +17,11 @@ from typing import Any
 
 import zmq
 
-from common import config, logs, runtime
-from services.ipvs_writer import state
-from services.ipvs_writer.engine import Engine
-from services.ipvs_writer.loop import WriterLoop
-from services.ipvs_writer.netlink import IpvsUnavailable, Kernel, device_addresses
+from gorb.common import config, logs, runtime
+from gorb.services.ipvs_writer import state
+from gorb.services.ipvs_writer.engine import Engine
+from gorb.services.ipvs_writer.loop import WriterLoop
+from gorb.services.ipvs_writer.netlink import IpvsUnavailable, Kernel, device_addresses
 
 log = logging.getLogger("ipvs-writer")
 

@@ -25,8 +25,8 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.generic.ipvs import IPVSSocket
 
-from services.ipvs_writer import codec
-from services.ipvs_writer.table import KService, Op, SKey
+from gorb.services.ipvs_writer import codec
+from gorb.services.ipvs_writer.table import KService, Op, SKey
 
 NETLINK_GENERIC = 16
 BATCH = 256  # requests per send(); their acks fit the receive buffer

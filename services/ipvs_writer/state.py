@@ -30,8 +30,8 @@ from pathlib import Path
 
 import msgspec
 
-from common.model import BackendOptions, ServiceOptions
-from services.ipvs_writer.weights import Health
+from gorb.common.model import BackendOptions, ServiceOptions
+from gorb.services.ipvs_writer.weights import Health
 
 STATE_VERSION = 1
 

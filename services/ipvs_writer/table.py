@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from common.model import (
+from gorb.common.model import (
     FAMILIES,
     FORWARD_METHODS,
     IP_VS_SVC_F_PERSISTENT,
@@ -23,7 +23,7 @@ from common.model import (
     BackendOptions,
     ServiceOptions,
 )
-from common.validation import canonical_ip, flags_value, netmask_prefix
+from gorb.common.validation import canonical_ip, flags_value, netmask_prefix
 
 SKey = tuple[int, int, str, int, int]  # (af, protocol, addr, port, fwmark)
 DKey = tuple[str, int]  # (addr, port)
@@ -67,7 +67,7 @@ class KService:
     port: int
     fwmark: int = 0
     sched: str = "wrr"
-    flags: int = 0  # only the bits gorb owns (common.model.OWNED_SERVICE_FLAGS)
+    flags: int = 0  # only the bits gorb owns (gorb.common.model.OWNED_SERVICE_FLAGS)
     timeout: int = 0
     netmask: int = 32  # persistence granularity as a prefix length
     dests: dict[DKey, KDest] = field(default_factory=dict)

@@ -1,7 +1,7 @@
 """From the desired state to pulse check targets (pure).
 
 Each backend's effective pulse is its own pulse over its service's defaults
-(``common.validation.resolve_pulse``); backends checked the same way at the same address and port
+(``gorb.common.validation.resolve_pulse``); backends checked the same way at the same address and port
 share one target. ``none`` needs no check: such a backend is simply up.
 """
 
@@ -10,11 +10,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from common.check_spec import CheckSpec
-from common.pulse_messages import Target
-from common.validation import parse_duration, parse_interval, resolve_pulse
-from services.ipvs_writer.state import BackendRecord, ServiceRecord, Services
-from services.ipvs_writer.weights import SlowStart
+from gorb.common.check_spec import CheckSpec
+from gorb.common.pulse_messages import Target
+from gorb.common.validation import parse_duration, parse_interval, resolve_pulse
+from gorb.services.ipvs_writer.state import BackendRecord, ServiceRecord, Services
+from gorb.services.ipvs_writer.weights import SlowStart
 
 Member = tuple[str, str]  # (service id, backend id)
 

@@ -1,7 +1,7 @@
-"""``python -m services.launcher``: the same as the ``gorb`` console script."""
+"""``python -m gorb.services.launcher``: the same as the ``gorb`` console script."""
 
 import sys
 
-from services.launcher.main import main
+from gorb.services.launcher.main import main
 
 sys.exit(main())

@@ -1,6 +1,6 @@
 """Where one gorb instance keeps its files, and its supervisord.conf rendered from the template.
 
-``supervisord/supervisord.conf.in`` is the template (``string.Template``: ``${name}``, ``$$`` for a
+``supervisord/supervisord.conf.in`` (package data of ``gorb.supervisord``) is the template (``string.Template``: ``${name}``, ``$$`` for a
 literal dollar); every key is commented there. Rendering is pure: a ``Layout`` and the effective
 ``Config`` in, the text out. Paths are made absolute and refused (ValueError) if they hold what
 supervisord's parser cannot carry: whitespace, ``;`` or ``%``.
@@ -12,12 +12,12 @@ import os
 import string
 import sys
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
-from common.config import Config, GorbSection
+from gorb.common.config import Config, GorbSection
 
-REPO = Path(__file__).resolve().parents[2]
-TEMPLATE = REPO / "supervisord" / "supervisord.conf.in"
+TEMPLATE = resources.files("gorb.supervisord") / "supervisord.conf.in"
 
 DEFAULT_LOG_DIR = "/var/log/gorb"
 DEFAULT_RUNTIME_DIR = GorbSection().runtime_dir
@@ -33,7 +33,6 @@ class Layout:
     runtime_dir: str
     log_dir: str = DEFAULT_LOG_DIR
     python: str = sys.executable
-    repo: str = str(REPO)
     ctl_inet: str = ""  # "host:port": supervisord also serves supervisorctl over TCP there
 
     @property
@@ -69,7 +68,6 @@ def render(cfg: Config, layout: Layout, template: str | None = None) -> str:
         "log_dir": _path(layout.log_dir, "log dir"),
         "config": _path(str(layout.config_file), "config file"),
         "python": _path(layout.python, "python"),
-        "repo": _path(layout.repo, "repo"),
         "pulse_workers": str(cfg.pulse.workers),
         "inet": "" if layout.ctl_inet else ";",
         "ctl_inet": layout.ctl_inet or "127.0.0.1:9001",

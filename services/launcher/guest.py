@@ -16,7 +16,7 @@ The host side (this module, in the ``gorb run`` process):
    for the guest to power off (SIGKILL after STOP_TIMEOUT, or at a second signal), then removes
    the namespace, the tap with it, and the socket.
 
-The guest side (``<runtime-dir>/uml/guest.sh``, run by ``tests/sandbox/init.sh`` as PID 1's
+The guest side (``<runtime-dir>/uml/guest.sh``, run by ``guest_init.sh`` as PID 1's
 payload) brings up its end of the link, mounts the host's state and log directories read-write
 (the guest's root is the host's /, read-only) and runs ``gorb run --guest never`` with the
 guest's own tmpfs ``/run/gorb`` as runtime dir (ipc sockets must be local to the guest's kernel).
@@ -40,9 +40,9 @@ from typing import TextIO
 
 import msgspec
 
-from common import config, runtime
-from services.launcher import conf, netns, uml
-from services.launcher.relay import Relay, connect_in
+from gorb.common import config, runtime
+from gorb.services.launcher import conf, netns, uml
+from gorb.services.launcher.relay import Relay, connect_in
 
 GUEST_RUNTIME_DIR = "/run/gorb"  # the guest's own tmpfs
 STOP_TIMEOUT = 45.0  # supervisord stops api (<= 10 s) then the writer (<= 10 s), then power-off
@@ -79,7 +79,7 @@ def guest_config(cfg: config.Config) -> config.Config:
 def guest_script(cfg: config.Config, layout: conf.Layout, workdir: Path) -> str:
     """The guest's payload (see the module docstring)."""
     dirs = [str(Path(cfg.writer.state_file).parent), layout.log_dir]
-    launcher = [layout.python, "-m", "services.launcher", "run", "--guest", "never",
+    launcher = [layout.python, "-P", "-m", "gorb.services.launcher", "run", "--guest", "never",
                 "--config", str(workdir / "gorb.toml"), "--log-dir", layout.log_dir,
                 "--ctl-inet", f"{netns.GUEST_ADDR}:{netns.CTL_PORT}"]
     return "\n".join([

@@ -27,8 +27,8 @@ import os
 import sys
 from pathlib import Path
 
-from common import config, runtime
-from services.launcher import conf, guest, kernel
+from gorb.common import config, runtime
+from gorb.services.launcher import conf, guest, kernel
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gorb", description="gorb, an IPVS control plane")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import socket
 import threading
 
-from services.launcher import netns
+from gorb.services.launcher import netns
 
 CONNECT_TIMEOUT = 5.0
 CHUNK = 65536

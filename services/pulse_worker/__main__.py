@@ -1,4 +1,4 @@
-"""``python -m services.pulse_worker``: gevent patches first (here only), then the worker."""
+"""``python -m gorb.services.pulse_worker``: gevent patches first (here only), then the worker."""
 
 import sys
 
@@ -8,7 +8,7 @@ def run() -> int:
     from gevent import monkey
 
     monkey.patch_all()
-    from services.pulse_worker.main import main
+    from gorb.services.pulse_worker.main import main
 
     return main()
 

@@ -9,7 +9,7 @@ only the time left. It blocks on stdlib sockets, ssl and subprocess, which the p
 this import. No threads, no connection pools: every check opens a fresh connection, because what it
 measures is that the backend accepts new connections.
 
-Types and their ``args`` (validated by ``common.validation.validate_pulse``):
+Types and their ``args`` (validated by ``gorb.common.validation.validate_pulse``):
 
     none    always passes
     tcp     connect to address:port and close at once          port
@@ -74,9 +74,9 @@ import dns.message
 import dns.rcode
 import dns.rdatatype
 
-from common.check_spec import DEFAULT_PORTS, CheckSpec, scheme_of
-from common.validation import expect_codes
-from services.pulse_worker.tracker import Result
+from gorb.common.check_spec import DEFAULT_PORTS, CheckSpec, scheme_of
+from gorb.common.validation import expect_codes
+from gorb.services.pulse_worker.tracker import Result
 
 BODY_LIMIT = 64 * 1024        # bytes of an HTTP body searched for ``body``
 ERROR_LIMIT = 300             # characters of an error text

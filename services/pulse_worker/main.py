@@ -15,9 +15,9 @@ import sys
 
 import zmq.green as zmq
 
-from common import config, logs, loops, runtime
-from common.transport import Pusher, RequestClient, Subscriber
-from services.pulse_worker.worker import Worker
+from gorb.common import config, logs, loops, runtime
+from gorb.common.transport import Pusher, RequestClient, Subscriber
+from gorb.services.pulse_worker.worker import Worker
 
 log = logging.getLogger("pulse-worker")
 

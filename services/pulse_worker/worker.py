@@ -28,10 +28,10 @@ import gevent.event
 import gevent.pool
 import msgspec
 
-from common import pulse_messages as pm
-from common.transport import TransportError
-from services.pulse_worker.checks import CheckSpec, run_check
-from services.pulse_worker.tracker import Result, Timing, Tracker
+from gorb.common import pulse_messages as pm
+from gorb.common.transport import TransportError
+from gorb.services.pulse_worker.checks import CheckSpec, run_check
+from gorb.services.pulse_worker.tracker import Result, Timing, Tracker
 
 log = logging.getLogger("pulse-worker")
 

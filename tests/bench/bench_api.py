@@ -4,7 +4,7 @@
     tests/bench/run api             # boots the sandbox and runs this module
 
 Setup: a fresh network namespace holds a real ``ipvs-writer`` and a real ``api`` process
-(``python -m services.ipvs_writer`` / ``python -m services.api``, default log level, state file on
+(``python -m gorb.services.ipvs_writer`` / ``python -m gorb.services.api``, default log level, state file on
 the guest's tmpfs) and this load generator, which re-executes itself inside the namespace. Four
 services exist; each measurement creates ``--backends`` backends spread over them (PUT), then
 sets each one's weight (PATCH), and the backends are deleted again (not timed) so that every
@@ -60,9 +60,9 @@ import zmq
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from common import runtime  # noqa: E402
-from common.transport import RequestClient, TransportTimeout  # noqa: E402
-from services.api import views  # noqa: E402
+from gorb.common import runtime  # noqa: E402
+from gorb.common.transport import RequestClient, TransportTimeout  # noqa: E402
+from gorb.services.api import views  # noqa: E402
 
 PORT = 4672
 SERVICES = 4
@@ -219,7 +219,7 @@ class Cpu:
 
 class Commits:
     """Counts the writer's group commits: each batch of mutations is one atomic rename of a new
-    state file over ``state.json`` (``services.ipvs_writer.state.save``), seen with inotify."""
+    state file over ``state.json`` (``gorb.services.ipvs_writer.state.save``), seen with inotify."""
 
     IN_MOVED_TO = 0x80
 
@@ -250,7 +250,7 @@ class Gorb:
     """ipvs-writer and api in this (fresh) namespace, files under ``work``."""
 
     def __init__(self, work: Path, api_log_level: str = "", profile_api: str = "",
-                 writer_module: str = "services.ipvs_writer"):
+                 writer_module: str = "gorb.services.ipvs_writer"):
         self.work = work
         self.rundir = work / "run"
         cfg = work / "gorb.toml"
@@ -269,7 +269,7 @@ class Gorb:
         prof = ["-m", "cProfile", "-o", profile_api] if profile_api else []
         level = ["--log-level", api_log_level] if api_log_level else []
         self.api = subprocess.Popen(
-            [sys.executable, *prof, "-m", "services.api", "--config", str(cfg), *level], cwd=REPO,
+            [sys.executable, *prof, "-m", "gorb.services.api", "--config", str(cfg), *level], cwd=REPO,
             env=env, stdout=open(work / "api.log", "ab"), stderr=subprocess.STDOUT)
         self._wait(self.api, "api.log", self._health)
 
@@ -309,7 +309,7 @@ def pct(values: list[float], p: float) -> float:
 
 
 def bench(n: int, rounds: int, levels: tuple[int, ...], api_log_level: str = "",
-          profile_api: str = "", writer_module: str = "services.ipvs_writer") -> dict:
+          profile_api: str = "", writer_module: str = "gorb.services.ipvs_writer") -> dict:
     work = Path(tempfile.mkdtemp(prefix="gbapi", dir="/tmp"))
     gorb = Gorb(work, api_log_level, profile_api, writer_module)
     pids = {"api": gorb.api.pid, "writer": gorb.writer.pid, "client": "self"}
@@ -524,7 +524,7 @@ def main() -> int:
           f"{', host, fake kernel' if a.host else ' in the guest'}", flush=True)
     summary = bench(a.backends, a.rounds, levels, a.api_log_level or "",
                     str(Path(a.profile_api).resolve()) if a.profile_api else "",
-                    "tests.bench.fake_writer" if a.host else "services.ipvs_writer")
+                    "tests.bench.fake_writer" if a.host else "gorb.services.ipvs_writer")
     ok = report(summary, a.backends, a.rounds, levels, a.host)
     print(json.dumps(summary))
     print("targets:", "MET" if ok else "NOT MET")

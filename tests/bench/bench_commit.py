@@ -28,8 +28,8 @@ ONE = r'''
 import json, sys, tempfile, time
 from pathlib import Path
 sys.path.insert(0, sys.argv[1])
-from services.ipvs_writer import state
-from services.ipvs_writer.engine import Engine
+from gorb.services.ipvs_writer import state
+from gorb.services.ipvs_writer.engine import Engine
 from tests.service.fake_kernel import FakeKernel
 ns, nb = int(sys.argv[2]), int(sys.argv[3])
 path = Path(tempfile.mkdtemp(prefix="gbcommit")) / "state.json"

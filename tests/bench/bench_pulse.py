@@ -56,10 +56,10 @@ import msgspec
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from common import runtime  # noqa: E402
-from common.model import BackendOptions, ServiceOptions  # noqa: E402
-from services.ipvs_writer import state  # noqa: E402
-from services.ipvs_writer.weights import Health  # noqa: E402
+from gorb.common import runtime  # noqa: E402
+from gorb.common.model import BackendOptions, ServiceOptions  # noqa: E402
+from gorb.services.ipvs_writer import state  # noqa: E402
+from gorb.services.ipvs_writer.weights import Health  # noqa: E402
 from tests.service.writer_thread import WriterThread  # noqa: E402
 
 PORT = 8080
@@ -271,7 +271,7 @@ class Workers:
         self.n += 1
         for i in range(count):
             self.procs.append(subprocess.Popen(
-                [sys.executable, "-m", "services.pulse_worker", "--config", os.devnull,
+                [sys.executable, "-m", "gorb.services.pulse_worker", "--config", os.devnull,
                  "--runtime-dir", self.rundir, "--index", str(i), "--workers", str(count)],
                 cwd=REPO, env=self.env, stdin=subprocess.DEVNULL,
                 stdout=open(self.logdir / f"worker-{self.n}-{i}-of-{count}.log", "wb"),

@@ -33,10 +33,10 @@ import zmq
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from common import runtime  # noqa: E402
-from common.model import BackendOptions, ServiceOptions  # noqa: E402
-from common.transport import RequestClient, TransportTimeout  # noqa: E402
-from services.ipvs_writer import state  # noqa: E402
+from gorb.common import runtime  # noqa: E402
+from gorb.common.model import BackendOptions, ServiceOptions  # noqa: E402
+from gorb.common.transport import RequestClient, TransportTimeout  # noqa: E402
+from gorb.services.ipvs_writer import state  # noqa: E402
 
 
 def sh(cmd: str, input: str | None = None) -> None:
@@ -89,7 +89,7 @@ class WriterProc:
         """Start the writer; seconds until it answers on the bus."""
         t = time.perf_counter()
         self.proc = subprocess.Popen(
-            ["ip", "netns", "exec", self.ns, sys.executable, "-m", "services.ipvs_writer",
+            ["ip", "netns", "exec", self.ns, sys.executable, "-m", "gorb.services.ipvs_writer",
              "--runtime-dir", self.rundir, "--state-file", str(self.workdir / "state.json"),
              "--reconcile-interval", "3600", "--log-level", "debug"],
             cwd=REPO, stdout=open(self.workdir / "log", "ab"), stderr=subprocess.STDOUT)
@@ -192,9 +192,9 @@ def engine_run(ns: str, services: int, per: int, work: Path) -> tuple[float, flo
     code = (
         "import sys,time,json; sys.path.insert(0,%r)\n"
         "from pathlib import Path\n"
-        "from services.ipvs_writer import state\n"
-        "from services.ipvs_writer.engine import Engine\n"
-        "from services.ipvs_writer.netlink import Kernel\n"
+        "from gorb.services.ipvs_writer import state\n"
+        "from gorb.services.ipvs_writer.engine import Engine\n"
+        "from gorb.services.ipvs_writer.netlink import Kernel\n"
         "from tests.bench.bench_writer import entries\n"
         "path=Path(%r); e=Engine({}, Kernel(), lambda s: state.save(path, s))\n"
         "adds=[]; sets=[]\n"
@@ -221,8 +221,8 @@ def adapter_run(ns: str, services: int, per: int) -> tuple[float, float]:
     """Seconds for the bare kernel adapter to add, then set, the dests in namespace ``ns``."""
     code = (
         "import sys,time,json; sys.path.insert(0,%r)\n"
-        "from services.ipvs_writer.netlink import Kernel\n"
-        "from services.ipvs_writer.table import KService,KDest,Op\n"
+        "from gorb.services.ipvs_writer.netlink import Kernel\n"
+        "from gorb.services.ipvs_writer.table import KService,KDest,Op\n"
         "from tests.bench.bench_writer import entries\n"
         "k=Kernel(); svcs=[]; ops=[]; sets=[]\n"
         "for vip,dests in entries(%d,%d):\n"
@@ -275,9 +275,9 @@ def bench_converge(services: int, per: int) -> dict:
         res = subprocess.run(["ip", "netns", "exec", ns.name, sys.executable, "-c",
                         "import sys; sys.path.insert(0,%r)\n"
                         "from pathlib import Path\n"
-                        "from services.ipvs_writer import state\n"
-                        "from services.ipvs_writer.engine import Engine\n"
-                        "from services.ipvs_writer.netlink import Kernel\n"
+                        "from gorb.services.ipvs_writer import state\n"
+                        "from gorb.services.ipvs_writer.engine import Engine\n"
+                        "from gorb.services.ipvs_writer.netlink import Kernel\n"
                         "import time; t=time.perf_counter()\n"
                         "e=Engine(state.load(Path(%r)), Kernel(), lambda s: None)\n"
                         "ops, fails = e.start(); assert not fails\n"

@@ -1,12 +1,12 @@
 """``ipvs-writer`` over ``tests.service.fake_kernel.FakeKernel``: the real process (loop, engine,
 state file, bus) with the kernel's table kept in memory, for benchmarks on a host without IPVS
-(``tests/bench/bench_api.py --host``). Same arguments as ``python -m services.ipvs_writer``."""
+(``tests/bench/bench_api.py --host``). Same arguments as ``python -m gorb.services.ipvs_writer``."""
 
 from __future__ import annotations
 
 import sys
 
-from services.ipvs_writer.main import main
+from gorb.services.ipvs_writer.main import main
 from tests.service.fake_kernel import FakeKernel
 
 

@@ -1,5 +1,5 @@
-"""The API's HTTP layer alone: gorb's routes (``services.api.app``) served exactly as
-``services.api.main`` serves them (``services.api.server`` with the default settings, the same
+"""The API's HTTP layer alone: gorb's routes (``gorb.services.api.app``) served exactly as
+``gorb.services.api.main`` serves them (``gorb.services.api.server`` with the default settings, the same
 logging), with a writer client that answers every request at once without a bus. What one
 request costs the API process before any ZeroMQ work: the floor under ``api`` in
 ``bench_api.py``.
@@ -15,9 +15,9 @@ from gevent import monkey
 
 monkey.patch_all()
 
-from common import config, logs  # noqa: E402
-from services.api.app import build  # noqa: E402
-from services.api.server import Server  # noqa: E402
+from gorb.common import config, logs  # noqa: E402
+from gorb.services.api.app import build  # noqa: E402
+from gorb.services.api.server import Server  # noqa: E402
 
 OK = {"ok": True, "errno": "ok", "reason": "", "data": None}
 

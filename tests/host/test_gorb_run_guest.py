@@ -24,8 +24,8 @@ from pathlib import Path
 
 import pytest
 
-from services.launcher import netns, uml
-from services.launcher.relay import connect_in
+from gorb.services.launcher import netns, uml
+from gorb.services.launcher.relay import connect_in
 
 REPO = Path(__file__).resolve().parents[2]
 GORB = str(Path(sys.executable).with_name("gorb"))

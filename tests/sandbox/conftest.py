@@ -27,8 +27,8 @@ from pathlib import Path
 import pytest
 import zmq
 
-from common import runtime
-from common.transport import RequestClient, TransportTimeout
+from gorb.common import runtime
+from gorb.common.transport import RequestClient, TransportTimeout
 
 IN_SANDBOX = os.environ.get("GORB_SANDBOX") == "1"
 REPO = Path(__file__).resolve().parents[2]
@@ -131,7 +131,7 @@ class Writer:
         return self.workdir / "writer.log"
 
     def start(self, *args: str, wait: bool = True) -> None:
-        cmd = ["ip", "netns", "exec", self.ns, sys.executable, "-m", "services.ipvs_writer",
+        cmd = ["ip", "netns", "exec", self.ns, sys.executable, "-m", "gorb.services.ipvs_writer",
                "--runtime-dir", self.runtime_dir, "--state-file", str(self.state_file),
                "--reconcile-interval", str(self.reconcile), *self.extra_args, *args]
         with open(self.log, "ab") as log:

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import pytest
 
-from services.launcher import netns as launcher_netns
+from gorb.services.launcher import netns as launcher_netns
 from tests.consul_double import ConsulDouble
 from tests.sandbox.conftest import ipvsadm, sh
 from tests.sandbox.test_supervised import Gorb, poll, proc_table

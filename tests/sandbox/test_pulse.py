@@ -10,7 +10,7 @@ what is asserted is the weight in the kernel's IPVS table and where real traffic
 - a worker SIGKILLed under traffic and replaced: no kernel weight moves.
 
 Layout: ``topology.build`` (client, lb holding the VIP, backends), the writer in the lb namespace
-(``writer_factory``) and ONE ``python -m services.pulse_worker --index 0 --workers 1`` started
+(``writer_factory``) and ONE ``python -m gorb.services.pulse_worker --index 0 --workers 1`` started
 next to it with the writer's runtime dir. Weights are read from ``/proc/<writer>/net/ip_vs``
 (``pulse_servers.KernelTable``: no fork, so a change is timed to ~20 ms), cross-checked with
 ``ipvsadm -Ln`` at every milestone. Every wait is a bounded poll.
@@ -106,7 +106,7 @@ def pulse_worker():
         log = Path(writer.workdir) / f"pulse-worker-{len(made) + 1}.log"
         with open(log, "wb") as out:
             proc = subprocess.Popen(
-                ["ip", "netns", "exec", writer.ns, sys.executable, "-m", "services.pulse_worker",
+                ["ip", "netns", "exec", writer.ns, sys.executable, "-m", "gorb.services.pulse_worker",
                  "--config", os.devnull, "--runtime-dir", writer.runtime_dir,
                  "--index", "0", "--workers", "1"],
                 cwd=REPO, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)

@@ -29,10 +29,10 @@ import pytest
 import zmq
 from supervisor.xmlrpc import SupervisorTransport
 
-from common import runtime
-from common.transport import RequestClient
-from services.launcher import netns as launcher_netns
-from services.launcher.relay import Relay, connect_in
+from gorb.common import runtime
+from gorb.common.transport import RequestClient
+from gorb.services.launcher import netns as launcher_netns
+from gorb.services.launcher.relay import Relay, connect_in
 from tests.sandbox import topology
 from tests.sandbox.conftest import REPO, ipvsadm, sh
 from tests.sandbox.topology import BACKEND_PORT, VIP, VIP_PORT
@@ -78,7 +78,7 @@ class Gorb:
         self._ns_fd = launcher_netns.open_ns(ns)
         with open(self.out, "wb") as out:
             self.proc = subprocess.Popen(
-                ["ip", "netns", "exec", ns, sys.executable, "-m", "services.launcher", "run",
+                ["ip", "netns", "exec", ns, sys.executable, "-m", "gorb.services.launcher", "run",
                  "--config", str(self.config), "--runtime-dir", str(self.run_dir),
                  "--log-dir", str(root / "log")],
                 cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
@@ -92,7 +92,7 @@ class Gorb:
             self._ns_fd = -1
 
     def ctl(self, *args: str) -> str:
-        proc = subprocess.run([sys.executable, "-m", "services.launcher", "ctl", "--runtime-dir",
+        proc = subprocess.run([sys.executable, "-m", "gorb.services.launcher", "ctl", "--runtime-dir",
                                str(self.run_dir), *args], cwd=REPO, capture_output=True,
                               text=True, timeout=60)
         return proc.stdout + proc.stderr

@@ -4,8 +4,9 @@
 
 The guest is Debian's ``linux.uml`` (a real 6.1 kernel run as an ordinary process) with the host's
 ``/`` as its read-only root and this working tree mounted read-write at the same path, so the
-project's venv runs unchanged inside. ``init.sh`` (PID 1) loads ``ip_vs`` and every scheduler,
-runs the command from the tree's root and powers off. The command's output is streamed to our
+project's venv runs unchanged inside. ``guest_init.sh`` (PID 1, package data of
+``gorb.services.launcher``) loads ``ip_vs`` and every scheduler, runs the command from the tree's
+root and powers off. The command's output is streamed to our
 stdout while it runs and its exit status becomes ours. No network device is given to the guest:
 every address a test uses lives in namespaces inside it. The boot itself is
 ``services/launcher/uml.py`` (shared with ``gorb run``'s guest mode).
@@ -22,12 +23,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from services.launcher import uml
-from services.launcher.uml import available
+from gorb.services.launcher import uml
+from gorb.services.launcher.uml import available
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def run(argv: list[str], timeout: float = 1800, mem: str = "1G", env: dict[str, str] | None = None,
-        out=None) -> int:
+        out=None, mounts: tuple[str, ...] = ()) -> int:
     """Boot, run ``argv`` inside, stream its output to ``out``; return its exit status."""
     out = out or sys.stdout
     why = available()
@@ -35,7 +38,8 @@ def run(argv: list[str], timeout: float = 1800, mem: str = "1G", env: dict[str, 
         print(f"sandbox: {why}", file=sys.stderr)
         return 125
     work = Path(tempfile.mkdtemp(prefix="gorb-uml-", dir="/tmp"))
-    guest = uml.Guest(argv, work, env=dict(env or {}), mem=mem)
+    guest = uml.Guest(argv, work, env=dict(env or {}), mem=mem, cwd=str(REPO),
+                      mounts=sorted({str(REPO), *uml.python_mounts(), *mounts}))
     try:
         guest.start()
         deadline = time.monotonic() + timeout
@@ -63,12 +67,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--timeout", type=float, default=1800)
     parser.add_argument("--mem", default="1G")
+    parser.add_argument("--mount", action="append", default=[],
+                        help="another host directory to mount read-write at the same path")
     parser.add_argument("command", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         parser.error("a command to run is required")
-    return run(command, timeout=args.timeout, mem=args.mem)
+    return run(command, timeout=args.timeout, mem=args.mem, mounts=tuple(args.mount))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""A hand-written stand-in for the writer's kernel edge (``services.ipvs_writer.netlink.Kernel``).
+"""A hand-written stand-in for the writer's kernel edge (``gorb.services.ipvs_writer.netlink.Kernel``).
 
 It keeps an IPVS table as ``{SKey: KService}`` and answers ops the way the kernel does:
 
@@ -21,7 +21,7 @@ import errno
 import os
 import threading
 
-from services.ipvs_writer.table import KDest, KService, Op, SKey
+from gorb.services.ipvs_writer.table import KDest, KService, Op, SKey
 
 SCHEDULERS = frozenset({"rr", "wrr", "lc", "wlc", "sh", "mh", "dh"})
 

@@ -1,4 +1,4 @@
-"""The API as a real process (``python -m services.api``: gevent WSGIServer, monkey-patched) on a
+"""The API as a real process (``python -m gorb.services.api``: gevent WSGIServer, monkey-patched) on a
 loopback port, with a real WriterLoop in a thread of this process, hammered by 32 concurrent HTTP
 clients (threads, one keep-alive connection each): every answer must be the right one for its
 request, also while the writer is stopped and started again on the same endpoint."""
@@ -20,9 +20,9 @@ import pytest
 import zmq
 import zmq.green
 
-from common import runtime
-from common.transport import RouterServer
-from services.api.writer_client import WriterClient
+from gorb.common import runtime
+from gorb.common.transport import RouterServer
+from gorb.services.api.writer_client import WriterClient
 from tests.service.test_api_support import (
     ROOT,
     ApiProcess,
@@ -283,9 +283,9 @@ def test_a_dead_reply_reader_exits_70_for_supervisord(tmp_path):
     the process exits 70 instead, for supervisord to restart it."""
     with short_rundir() as rundir:
         code = ("from gevent import monkey; monkey.patch_all(); import sys; "
-                "from services.api import writer_client; "
+                "from gorb.services.api import writer_client; "
                 "writer_client.WriterClient._read = lambda self: 1 / 0; "
-                "from services.api.main import main; sys.exit(main(sys.argv[1:]))")
+                "from gorb.services.api.main import main; sys.exit(main(sys.argv[1:]))")
         proc = subprocess.run([sys.executable, "-c", code, "--runtime-dir", rundir,
                                "-l", f"127.0.0.1:{free_port()}", "--config", os.devnull],
                               cwd=ROOT, capture_output=True, timeout=30, env=clean_env())
@@ -302,7 +302,7 @@ def test_a_dead_reply_reader_exits_70_for_supervisord(tmp_path):
 def test_a_bad_configuration_exits_2(tmp_path, config):
     path = tmp_path / "gorb.toml"
     path.write_text(config)
-    proc = subprocess.run([sys.executable, "-m", "services.api", "--config", str(path)],
+    proc = subprocess.run([sys.executable, "-m", "gorb.services.api", "--config", str(path)],
                           cwd=ROOT, capture_output=True, timeout=30, env=clean_env())
     assert proc.returncode == 2, proc.stderr
     assert b"gorb-api:" in proc.stderr
@@ -315,7 +315,7 @@ def test_a_port_in_use_exits_2(tmp_path):
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
-        proc = subprocess.run([sys.executable, "-m", "services.api", "--runtime-dir", rundir,
+        proc = subprocess.run([sys.executable, "-m", "gorb.services.api", "--runtime-dir", rundir,
                                "-l", f"127.0.0.1:{port}", "--config", str(empty)], cwd=ROOT,
                               capture_output=True, timeout=30, env=clean_env())
     assert proc.returncode == 2, proc.stderr

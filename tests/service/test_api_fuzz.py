@@ -1,4 +1,4 @@
-"""Schemathesis against the live API (``python -m services.api``) from its own ``/openapi.json``,
+"""Schemathesis against the live API (``python -m gorb.services.api``) from its own ``/openapi.json``,
 with a real WriterLoop (up the whole time) on a fake kernel that loads any scheduler: bounded and
 seeded, so it is deterministic.
 

@@ -1,4 +1,4 @@
-"""The API process's HTTP server over real sockets (``services.api.server``): the idle timeout
+"""The API process's HTTP server over real sockets (``gorb.services.api.server``): the idle timeout
 closes connections that send nothing, or send a request too slowly (408 with a JSON error), the
 handler pool bounds the connections served at once, and a request gevent cannot parse gets a
 JSON 400 — never a hung greenlet, a traceback or gevent's empty answer."""

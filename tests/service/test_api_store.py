@@ -4,12 +4,12 @@
 - against a fake discovery: a ROUTER at ``ipc://<rundir>/discovery.sock`` in a thread that records
   each request and answers what the test set (every errno, a slow answer, no answer at all), for
   the mapping of replies to statuses, ``force`` and the two timeouts;
-- against the real thing: a ``WriterLoop`` on a fake kernel, ``python -m services.discovery``
+- against the real thing: a ``WriterLoop`` on a fake kernel, ``python -m gorb.services.discovery``
   with the Consul double and a KV prefix (``tests/service/test_discovery_consul.py``'s ``Host``),
   where the API's writes reach KV, an emptied prefix is refused and then forced, and Consul down
   is a 503 while the rest of the API keeps answering.
 
-And ``python -m services.api`` itself: with a store in ``[discovery]`` it asks discovery, without
+And ``python -m gorb.services.api`` itself: with a store in ``[discovery]`` it asks discovery, without
 one it answers 404 without a socket to discovery.
 """
 
@@ -30,14 +30,14 @@ import webtest
 import zmq
 import zmq.green
 
-from common import store_messages
-from common.errors import MSG_NOT_FOUND
-from common.transport import RouterServer
-from services.api import openapi
-from services.api.app import build
-from services.api.discovery_client import SYNC_TIMEOUT, DiscoveryClient
-from services.api.writer_client import WriterClient
-from services.discovery.syncer import Syncer
+from gorb.common import store_messages
+from gorb.common.errors import MSG_NOT_FOUND
+from gorb.common.transport import RouterServer
+from gorb.services.api import openapi
+from gorb.services.api.app import build
+from gorb.services.api.discovery_client import SYNC_TIMEOUT, DiscoveryClient
+from gorb.services.api.writer_client import WriterClient
+from gorb.services.discovery.syncer import Syncer
 from tests.consul_double import ConsulDouble
 from tests.service.test_api_support import WriterThread, free_port, request, short_rundir
 from tests.service.test_discovery_consul import (
@@ -264,7 +264,7 @@ def _api_process(rundir: str, tmp: Path, discovery: str) -> tuple[subprocess.Pop
     config.write_text(f'[gorb]\nruntime_dir = "{rundir}"\nlog_level = "warning"\n'
                       f'[api]\nlisten = "127.0.0.1:{port}"\n[discovery]\n{discovery}')
     env = {k: v for k, v in os.environ.items() if not k.startswith("GORB_")}
-    proc = subprocess.Popen([sys.executable, "-m", "services.api", "--config", str(config)],
+    proc = subprocess.Popen([sys.executable, "-m", "gorb.services.api", "--config", str(config)],
                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                             stderr=(tmp / "api.log").open("wb"))
     deadline = time.monotonic() + 15

@@ -1,5 +1,5 @@
 """Helpers (no tests) for the API's service tests: a real ``WriterLoop`` over ipc:// in a thread on
-a fake kernel, the API as a real ``python -m services.api`` process, and a tiny HTTP client.
+a fake kernel, the API as a real ``python -m gorb.services.api`` process, and a tiny HTTP client.
 
 The writer thread restarts like the real process does: the kernel (``FakeKernel``) outlives it,
 and a new engine loads the state file the old one wrote.
@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 
-from common import runtime
+from gorb.common import runtime
 from tests.service.fake_kernel import FakeKernel
 from tests.service.writer_thread import WriterThread as SharedWriterThread
 
@@ -89,8 +89,8 @@ def free_port() -> int:
 def hashed_resolve(host: str) -> str:
     """A resolver without DNS: an IP literal as is, any other well-formed host name to a fixed
     address derived from it (10.200.x.y), names containing "nosuch" to Go's "no such host"."""
-    from common.errors import invalid
-    from services.api.resolver import resolve_host
+    from gorb.common.errors import invalid
+    from gorb.services.api.resolver import resolve_host
 
     def getaddrinfo(name, port, family, kind):
         if "nosuch" in name or not name or len(name) > 253 or " " in name:
@@ -105,7 +105,7 @@ def hashed_resolve(host: str) -> str:
 
 
 class ApiProcess:
-    """``python -m services.api --config <file>`` on a free loopback port; with ``resolver``
+    """``python -m gorb.services.api --config <file>`` on a free loopback port; with ``resolver``
     (e.g. ``"tests.service.test_api_support:hashed_resolve"``) the same ``main`` is started with
     that resolver instead of DNS."""
 
@@ -121,11 +121,11 @@ class ApiProcess:
         self.log_path = workdir / "api.log"
         self.log = open(self.log_path, "wb")
         env = {k: v for k, v in os.environ.items() if not k.startswith("GORB_")}
-        argv = ["-m", "services.api"]
+        argv = ["-m", "gorb.services.api"]
         if resolver is not None:
             module, name = resolver.split(":")
             argv = ["-c", "from gevent import monkey; monkey.patch_all(); import sys; "
-                          f"from services.api.main import main; from {module} import {name}; "
+                          f"from gorb.services.api.main import main; from {module} import {name}; "
                           f"sys.exit(main(sys.argv[1:], {name}))"]
         self.proc = subprocess.Popen(
             [sys.executable, *argv, "--config", str(self.config)],

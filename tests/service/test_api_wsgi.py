@@ -17,13 +17,13 @@ import webtest
 import zmq.green
 from prometheus_client.parser import text_string_to_metric_families
 
-from common.model import BackendOptions, ServiceOptions
-from services.api import app as app_module
-from services.api import openapi, views
-from services.api.app import build
-from services.api.resolver import resolve_host
-from services.api.writer_client import WriterClient
-from services.ipvs_writer import state
+from gorb.common.model import BackendOptions, ServiceOptions
+from gorb.services.api import app as app_module
+from gorb.services.api import openapi, views
+from gorb.services.api.app import build
+from gorb.services.api.resolver import resolve_host
+from gorb.services.api.writer_client import WriterClient
+from gorb.services.ipvs_writer import state
 from tests.service.test_api_support import DEVICE_ADDRESS, StatsKernel, WriterThread, short_rundir
 
 pytestmark = pytest.mark.timeout(60)

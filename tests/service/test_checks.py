@@ -22,8 +22,8 @@ import dns.rcode
 import dns.rrset
 import pytest
 
-from common.model import PulseOptions
-from services.pulse_worker.checks import CheckSpec, host_header, run_check
+from gorb.common.model import PulseOptions
+from gorb.services.pulse_worker.checks import CheckSpec, host_header, run_check
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -729,7 +729,7 @@ monkey.patch_all()
 import json, socket, time
 import gevent
 from gevent.server import StreamServer, DatagramServer
-from services.pulse_worker.checks import CheckSpec, run_check
+from gorb.services.pulse_worker.checks import CheckSpec, run_check
 
 T = 0.5
 ticks = [0]

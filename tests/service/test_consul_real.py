@@ -22,11 +22,11 @@ import uuid
 import consul as client
 import pytest
 
-from services.discovery import documents as docs
-from services.discovery.blocking import Backoff
-from services.discovery.consul_adapter import ConsulAdapter
-from services.discovery.reconcile import Step
-from services.discovery.stores import ConsulStore, StoreConflict
+from gorb.services.discovery import documents as docs
+from gorb.services.discovery.blocking import Backoff
+from gorb.services.discovery.consul_adapter import ConsulAdapter
+from gorb.services.discovery.reconcile import Step
+from gorb.services.discovery.stores import ConsulStore, StoreConflict
 
 ADDR = os.environ.get("CONSUL_HTTP_ADDR", "")
 TOKEN = os.environ.get("CONSUL_HTTP_TOKEN", "")

@@ -10,11 +10,11 @@ import time
 
 import pytest
 
-from services.discovery import documents as docs
-from services.discovery.blocking import Backoff
-from services.discovery.consul_adapter import ConsulAdapter, ConsulRefused, ConsulUnavailable
-from services.discovery.reconcile import Step
-from services.discovery.stores import ConsulStore, StoreConflict, StoreUnavailable
+from gorb.services.discovery import documents as docs
+from gorb.services.discovery.blocking import Backoff
+from gorb.services.discovery.consul_adapter import ConsulAdapter, ConsulRefused, ConsulUnavailable
+from gorb.services.discovery.reconcile import Step
+from gorb.services.discovery.stores import ConsulStore, StoreConflict, StoreUnavailable
 
 pytestmark = pytest.mark.timeout(30)
 

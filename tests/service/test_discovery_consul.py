@@ -1,4 +1,4 @@
-"""The discovery process (``python -m services.discovery``) against a real writer loop on a fake
+"""The discovery process (``python -m gorb.services.discovery``) against a real writer loop on a fake
 kernel and the Consul double: registrations and checks, the agent losing them, Consul going away
 and coming back, and the Consul KV configuration store in both directions.
 
@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 import zmq
 
-from common import runtime, store_messages
-from common.transport import Pusher, RequestClient
+from gorb.common import runtime, store_messages
+from gorb.common.transport import Pusher, RequestClient
 from tests.consul_double import ConsulDouble
 from tests.service.writer_thread import WriterThread
 
@@ -60,7 +60,7 @@ class Host:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("GORB_", "CONSUL_"))}
         env["PYTHONPATH"] = str(ROOT)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "services.discovery", "--config", str(self.config),
+            [sys.executable, "-m", "gorb.services.discovery", "--config", str(self.config),
              "--runtime-dir", self.rundir], cwd=ROOT, env=env,
             stdout=subprocess.DEVNULL, stderr=self.log.open("ab"))
 
@@ -366,7 +366,7 @@ def test_registration_only_has_no_store(consul, hosts):
 def test_a_url_without_scheme_is_a_config_error(base):
     cfg = base / "gorb.toml"
     cfg.write_text('[discovery]\nconsul = "127.0.0.1:8500"\n')
-    out = subprocess.run([sys.executable, "-m", "services.discovery", "--config", str(cfg),
+    out = subprocess.run([sys.executable, "-m", "gorb.services.discovery", "--config", str(cfg),
                           "--runtime-dir", str(base / "run")], cwd=ROOT, capture_output=True,
                          text=True, timeout=20, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert out.returncode == 2

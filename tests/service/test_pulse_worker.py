@@ -1,5 +1,5 @@
 """Pulse end to end on one machine: a ``WriterLoop`` in a thread (``FakeKernel`` at the kernel
-edge, a real state file), real ``python -m services.pulse_worker`` processes over ipc://, and
+edge, a real state file), real ``python -m gorb.services.pulse_worker`` processes over ipc://, and
 backends that are real TCP listeners on 127.0.0.1 which the tests close and reopen.
 
 What is checked is what an operator would see in the kernel table: the weight of each dest
@@ -27,9 +27,9 @@ from typing import Any
 import pytest
 import zmq
 
-from common import runtime
-from common.shard import owner
-from common.transport import RequestClient
+from gorb.common import runtime
+from gorb.common.shard import owner
+from gorb.common.transport import RequestClient
 from tests.service.writer_thread import WriterThread
 
 pytestmark = pytest.mark.timeout(40)
@@ -128,7 +128,7 @@ class Writer(WriterThread):
 # --- pulse-worker processes ---------------------------------------------------------------------
 
 class Workers:
-    """``python -m services.pulse_worker`` processes started by this test (and only those)."""
+    """``python -m gorb.services.pulse_worker`` processes started by this test (and only those)."""
 
     def __init__(self, rundir: str, logdir: Path):
         self.rundir, self.logdir = rundir, logdir
@@ -143,7 +143,7 @@ class Workers:
         log = self.logdir / f"worker-{index}-of-{count}-{self._n}.log"
         with open(log, "wb") as out:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "services.pulse_worker", "--config", os.devnull,
+                [sys.executable, "-m", "gorb.services.pulse_worker", "--config", os.devnull,
                  "--runtime-dir", self.rundir,
                  "--index", str(index), "--workers", str(count)],
                 cwd=ROOT, env=self.env, stdin=subprocess.DEVNULL, stdout=out,
@@ -307,7 +307,7 @@ def test_a_closed_listener_is_weight_0_within_interval_plus_timeout_and_climbs_b
 
 
 def test_fail_open_holds_the_backend_that_failed_last_and_says_so(bus, listeners, caplog):
-    caplog.set_level(logging.WARNING, logger="services.ipvs_writer.engine")
+    caplog.set_level(logging.WARNING, logger="gorb.services.ipvs_writer.engine")
     l1, l2 = listeners(), listeners()
     bus.service("fo", "10.0.0.2", fail_open=0.5, pulse={**PULSE, "backoff_max": "0s"})
     bus.backend("fo", "b1", l1.port)

@@ -12,10 +12,10 @@ import time
 import pytest
 import zmq
 
-from common import runtime
-from common.envelope import Envelope, decode, encode
-from common.runtime import RuntimeDirError, endpoint, ensure_runtime_dir
-from common.transport import (
+from gorb.common import runtime
+from gorb.common.envelope import Envelope, decode, encode
+from gorb.common.runtime import RuntimeDirError, endpoint, ensure_runtime_dir
+from gorb.common.transport import (
     Publisher,
     Puller,
     Pusher,

@@ -14,12 +14,12 @@ import msgpack
 import pytest
 import zmq
 
-from common import messages, runtime
-from common.envelope import Envelope, decode, encode
-from common.transport import RequestClient, Subscriber
-from services.ipvs_writer import state
-from services.ipvs_writer.engine import desired_table
-from services.ipvs_writer.loop import SRC
+from gorb.common import messages, runtime
+from gorb.common.envelope import Envelope, decode, encode
+from gorb.common.transport import RequestClient, Subscriber
+from gorb.services.ipvs_writer import state
+from gorb.services.ipvs_writer.engine import desired_table
+from gorb.services.ipvs_writer.loop import SRC
 from tests.service.writer_thread import WriterThread
 
 pytestmark = pytest.mark.timeout(30)

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import zmq
 
-from common import runtime
-from common.envelope import Envelope, encode
-from services.ipvs_writer import state
-from services.ipvs_writer.engine import Engine
-from services.ipvs_writer.loop import WriterLoop
+from gorb.common import runtime
+from gorb.common.envelope import Envelope, encode
+from gorb.services.ipvs_writer import state
+from gorb.services.ipvs_writer.engine import Engine
+from gorb.services.ipvs_writer.loop import WriterLoop
 from tests.service.fake_kernel import FakeKernel
 
 

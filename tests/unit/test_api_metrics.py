@@ -1,4 +1,4 @@
-"""``services.api.metrics.families``: GORB's metric names and labels, seconds for uptime, IPVS
+"""``gorb.services.api.metrics.families``: GORB's metric names and labels, seconds for uptime, IPVS
 counters, and ``gorb_up`` from a writer ``state.dump`` reply (pure: no writer, no registry)."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from services.api.metrics import WriterCollector, families
-from services.api.writer_client import WriterUnavailable
+from gorb.services.api.metrics import WriterCollector, families
+from gorb.services.api.writer_client import WriterUnavailable
 
 pytestmark = pytest.mark.timeout(10)
 

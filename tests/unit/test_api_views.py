@@ -9,13 +9,13 @@ import socket
 import msgspec
 import pytest
 
-from common import errors
-from common.envelope import Envelope, encode
-from common.errors import GorbError
-from common.model import BackendOptions, PulseOptions, ServiceOptions
-from common.validation import validate_backend
-from services.api import views
-from services.api.resolver import resolve_host
+from gorb.common import errors
+from gorb.common.envelope import Envelope, encode
+from gorb.common.errors import GorbError
+from gorb.common.model import BackendOptions, PulseOptions, ServiceOptions
+from gorb.common.validation import validate_backend
+from gorb.services.api import views
+from gorb.services.api.resolver import resolve_host
 
 pytestmark = pytest.mark.timeout(10)
 

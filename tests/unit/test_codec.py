@@ -15,8 +15,8 @@ import struct
 import pytest
 from pyroute2.netlink.generic.ipvs import ipvsmsg
 
-from services.ipvs_writer import codec
-from services.ipvs_writer.table import KDest, KService, Op
+from gorb.services.ipvs_writer import codec
+from gorb.services.ipvs_writer.table import KDest, KService, Op
 
 pytestmark = pytest.mark.timeout(5)
 

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from services.discovery.blocking import Backoff, next_index
+from gorb.services.discovery.blocking import Backoff, next_index
 
 pytestmark = pytest.mark.timeout(5)
 

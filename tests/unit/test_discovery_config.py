@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from common import config
-from common.config import ConfigError, DiscoverySection
-from services.discovery.consul_adapter import ConsulAdapter, parse_url
-from services.discovery.service import check
+from gorb.common import config
+from gorb.common.config import ConfigError, DiscoverySection
+from gorb.services.discovery.consul_adapter import ConsulAdapter, parse_url
+from gorb.services.discovery.service import check
 
 pytestmark = pytest.mark.timeout(5)
 

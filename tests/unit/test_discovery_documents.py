@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from common.model import BackendOptions, ServiceOptions
-from services.discovery import documents as docs
+from gorb.common.model import BackendOptions, ServiceOptions
+from gorb.services.discovery import documents as docs
 
 pytestmark = pytest.mark.timeout(5)
 

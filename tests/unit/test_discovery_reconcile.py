@@ -10,11 +10,11 @@ import json
 
 import pytest
 
-from common import messages
-from common.errors import invalid
-from services.discovery import documents as docs
-from services.discovery import reconcile as r
-from services.ipvs_writer.engine import Draft, service_view, stage
+from gorb.common import messages
+from gorb.common.errors import invalid
+from gorb.services.discovery import documents as docs
+from gorb.services.discovery import reconcile as r
+from gorb.services.ipvs_writer.engine import Draft, service_view, stage
 
 pytestmark = pytest.mark.timeout(5)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.discovery import registry as reg
+from gorb.services.discovery import registry as reg
 
 pytestmark = pytest.mark.timeout(5)
 

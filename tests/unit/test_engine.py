@@ -8,10 +8,10 @@ import errno
 import msgspec
 import pytest
 
-from common import errors, messages
-from common.errors import GorbError
-from services.ipvs_writer.engine import Draft, Engine, desired_table, ops_between, stage
-from services.ipvs_writer.table import KDest, KService
+from gorb.common import errors, messages
+from gorb.common.errors import GorbError
+from gorb.services.ipvs_writer.engine import Draft, Engine, desired_table, ops_between, stage
+from gorb.services.ipvs_writer.table import KDest, KService
 from tests.service.fake_kernel import FakeKernel
 
 pytestmark = pytest.mark.timeout(10)
@@ -627,7 +627,7 @@ def test_a_freed_backend_endpoint_can_be_reused(steps):
 
 def test_the_target_table_is_updated_in_place_and_equals_a_rebuild():
     """Commits update only the touched services' targets; the result equals a full rebuild."""
-    from services.ipvs_writer.targets import targets as rebuild
+    from gorb.services.ipvs_writer.targets import targets as rebuild
 
     kernel = FakeKernel()
     engine = Engine({}, kernel, lambda s: None)
@@ -683,8 +683,8 @@ def test_incremental_ops_and_targets_equal_the_whole_state_ones(seed):
     from scratch, and the state file's content a fresh encoding of the whole state."""
     import random
 
-    from services.ipvs_writer import state
-    from services.ipvs_writer.targets import targets
+    from gorb.services.ipvs_writer import state
+    from gorb.services.ipvs_writer.targets import targets
 
     rnd = random.Random(seed)
     engine, kernel, _ = make_engine(svc_create("web", "10.0.0.1"), svc_create("api", "10.0.0.2"),

@@ -3,7 +3,7 @@
 import msgpack
 import pytest
 
-from common.envelope import (
+from gorb.common.envelope import (
     PROTOCOL_VERSION,
     Envelope,
     EnvelopeError,

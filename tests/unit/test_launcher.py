@@ -16,15 +16,15 @@ from pathlib import Path
 import pytest
 from supervisor.options import ClientOptions, ServerOptions
 
-from common import config
-from services.launcher import conf, guest, kernel, main, netns, uml
+from gorb.common import config
+from gorb.services.launcher import conf, guest, kernel, main, netns, uml
 
 
 def layout(tmp_path: Path, **kw) -> conf.Layout:
     (tmp_path / "run").mkdir(parents=True, exist_ok=True)
     (tmp_path / "log").mkdir(exist_ok=True)
     return conf.Layout(runtime_dir=str(tmp_path / "run"), log_dir=str(tmp_path / "log"),
-                       python="/opt/venv/bin/python", repo="/src/gorb", **kw)
+                       python="/opt/venv/bin/python", **kw)
 
 
 def server_options(text: str, tmp_path: Path) -> ServerOptions:
@@ -63,9 +63,9 @@ def test_rendered_config_is_what_supervisord_runs(tmp_path):
     for name, module, priority, extra in expected:
         prio, p = progs[name]
         assert prio == priority
-        assert p.command == f"/opt/venv/bin/python -m services.{module} --config " \
+        assert p.command == f"/opt/venv/bin/python -P -m gorb.services.{module} --config " \
                             f"{lay.runtime_dir}/gorb.toml{extra}"
-        assert p.directory == "/src/gorb"
+        assert p.directory == lay.runtime_dir
         assert (p.stopsignal, p.stopwaitsecs, p.startsecs) == (signal.SIGTERM, 10, 2)
         assert p.stopasgroup and p.killasgroup and p.redirect_stderr
         assert p.autorestart.__name__ == "RestartUnconditionally"
@@ -148,7 +148,7 @@ def test_gorb_flags_are_config_aliases(tmp_path, monkeypatch):
     assert cfg.gorb.runtime_dir == lay.runtime_dir == str(tmp_path / "rt")
     assert cfg.writer.state_file == os.path.abspath("st/state.json")
     assert lay.log_dir == os.path.abspath("logs")
-    assert lay.python == sys.executable and lay.repo == str(conf.REPO)
+    assert lay.python == sys.executable
 
 
 def test_defaults_and_the_config_file(tmp_path, monkeypatch):
@@ -300,7 +300,7 @@ def test_guest_config_and_script(tmp_path):
         in script
     assert "mount -t hostfs hostfs /var/log/gorb -o /var/log/gorb" in script
     assert script.splitlines()[-1] == (
-        "exec /v/bin/python -m services.launcher run --guest never --config "
+        "exec /v/bin/python -P -m gorb.services.launcher run --guest never --config "
         "/run/gorb/uml/gorb.toml --log-dir /var/log/gorb --ctl-inet 10.77.255.254:9001")
 
 
@@ -311,3 +311,17 @@ def test_guest_kernel_command(tmp_path):
     assert cmd[:5] == ["ip", "netns", "exec", "gorb-1", uml.KERNEL]
     assert f"uml_dir={tmp_path}" in cmd and "vec0:transport=tap,ifname=gt0" in cmd
     assert f"init={uml.INIT}" in cmd and f"GORB_SBX_DIR={tmp_path}" in cmd
+    assert "GORB_SBX_CWD=/" in cmd
+
+
+def test_guest_mounts_what_its_tmpfs_would_hide(tmp_path, monkeypatch):
+    """A venv under /tmp (the guest mounts its own /tmp) is mounted again inside the guest."""
+    assert uml.shadowed("/tmp/venv") and uml.shadowed("/run") and uml.shadowed("/var/tmp/x")
+    assert not uml.shadowed("/opt/gorb") and not uml.shadowed("/tmpfoo") and not uml.shadowed("/")
+    monkeypatch.setattr(sys, "prefix", "/tmp/v1")
+    monkeypatch.setattr(sys, "base_prefix", "/usr")
+    assert uml.python_mounts() == ["/tmp/v1"]
+    vm = uml.Guest(["true"], tmp_path)
+    assert "GORB_SBX_MOUNTS=/tmp/v1" in vm.command()
+    with pytest.raises(ValueError, match="whitespace or ':'"):
+        uml.Guest(["true"], tmp_path, mounts=["/tmp/a:b"]).start()

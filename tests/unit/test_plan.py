@@ -5,9 +5,9 @@ from dataclasses import replace
 
 import pytest
 
-from common.model import BackendOptions, ServiceOptions
-from common.validation import validate_backend, validate_service
-from services.ipvs_writer.table import KDest, KService, Op, kdest, kservice, plan, service_key
+from gorb.common.model import BackendOptions, ServiceOptions
+from gorb.common.validation import validate_backend, validate_service
+from gorb.services.ipvs_writer.table import KDest, KService, Op, kdest, kservice, plan, service_key
 
 pytestmark = pytest.mark.timeout(5)
 

@@ -4,7 +4,7 @@ from collections import Counter
 
 import pytest
 
-from common.shard import owner
+from gorb.common.shard import owner
 
 pytestmark = pytest.mark.timeout(5)
 KEYS = [f"tcp|10.1.{i // 250}.{i % 250}|8080|{i}" for i in range(4000)]

@@ -10,9 +10,9 @@ import re
 import msgspec
 import pytest
 
-from common.model import BackendOptions, PulseOptions, ServiceOptions
-from services.ipvs_writer import state
-from services.ipvs_writer.state import (
+from gorb.common.model import BackendOptions, PulseOptions, ServiceOptions
+from gorb.services.ipvs_writer import state
+from gorb.services.ipvs_writer.state import (
     BackendRecord,
     ServiceRecord,
     StateFileError,

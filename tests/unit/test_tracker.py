@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from services.pulse_worker.tracker import DOWN, UNKNOWN, UP, Result, Timing, Tracker
+from gorb.services.pulse_worker.tracker import DOWN, UNKNOWN, UP, Result, Timing, Tracker
 
 pytestmark = pytest.mark.timeout(5)
 

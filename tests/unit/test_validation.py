@@ -3,10 +3,10 @@ deliberate fixes (pulse args typed, persistence applied, fwmark and IPv6 service
 
 import pytest
 
-from common import errors
-from common.errors import HTTP_STATUS, GorbError
-from common.model import BackendOptions, PulseOptions, ServiceOptions
-from common.validation import (
+from gorb.common import errors
+from gorb.common.errors import HTTP_STATUS, GorbError
+from gorb.common.model import BackendOptions, PulseOptions, ServiceOptions
+from gorb.common.validation import (
     decode,
     expect_codes,
     flags_value,

@@ -2,7 +2,7 @@
 
 import pytest
 
-from services.ipvs_writer.weights import (
+from gorb.services.ipvs_writer.weights import (
     DOWN,
     UNKNOWN,
     UP,
