@@ -2,7 +2,7 @@
 
 The API's ``GET /store/sync`` and ``GET /store/sync/status`` (qk4l's routes) are these two requests,
 sent as envelopes (``gorb.common.envelope``) to a ROUTER that ``discovery`` binds at
-``ipc://<runtime_dir>/discovery.sock`` (``endpoint(runtime_dir)``). Replies use the one reply shape
+``ipc://<runtime_dir>/discovery/discovery.sock`` (``endpoint(runtime_dir)``). Replies use the one reply shape
 of ``gorb.common.messages.Reply`` ``{"ok", "errno", "reason", "data"}``::
 
     store.sync    {"force": false}
@@ -49,9 +49,10 @@ import os
 import msgspec
 
 from gorb.common import errors
+from gorb.common.runtime import DISCOVERY_DIR
 from gorb.common.runtime import endpoint as _endpoint
 
-# The control socket's name in the runtime directory (ipc://<runtime_dir>/discovery.sock).
+# The control socket's name in the runtime directory (ipc://<runtime_dir>/discovery/discovery.sock).
 DISCOVERY = "discovery"
 
 STATUS_OK = "ok"
@@ -61,8 +62,9 @@ STATUS_NEED_SYNC = "need sync"
 
 
 def endpoint(runtime_dir: str | os.PathLike[str]) -> str:
-    """``ipc://<runtime_dir>/discovery.sock``: discovery binds this ROUTER, the API connects."""
-    return _endpoint(runtime_dir, DISCOVERY)
+    """``ipc://<runtime_dir>/discovery/discovery.sock``: discovery binds this ROUTER (in a
+    directory of its own account, ``gorb.common.runtime``), the API connects."""
+    return _endpoint(runtime_dir, DISCOVERY, subdir=DISCOVERY_DIR)
 
 
 class SyncRequest(msgspec.Struct, forbid_unknown_fields=True):

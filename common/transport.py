@@ -32,7 +32,7 @@ from gorb.common.envelope import Envelope, EnvelopeError, decode, encode
 
 log = logging.getLogger(__name__)
 
-SOCKET_FILE_MODE = 0o660
+SOCKET_FILE_MODE = 0o770  # connecting needs w; x is meaningless on a socket (gorb.common.runtime)
 
 
 class TransportError(Exception):

@@ -1,4 +1,4 @@
-"""The control socket: a ROUTER at ``ipc://<runtime_dir>/discovery.sock`` answering the store
+"""The control socket: a ROUTER at ``ipc://<runtime_dir>/discovery/discovery.sock`` answering the store
 family of ``gorb.common.store_messages`` (``store.sync``, ``store.status``) for the API.
 
 Requests are handed to the sync loop, which runs them one at a time between its own rounds, so a

@@ -13,7 +13,7 @@ import sys
 
 import zmq.green as zmq
 
-from gorb.common import config, logs, loops
+from gorb.common import config, logs, loops, runtime
 from gorb.common.transport import TransportError
 from gorb.services.discovery.service import Discovery
 
@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger().setLevel(cfg.gorb.log_level.upper())
         disc = Discovery(cfg.discovery, zmq.Context.instance(),
                          args.runtime_dir or cfg.gorb.runtime_dir)
-    except (config.ConfigError, TransportError, ValueError) as exc:
+    except (config.ConfigError, TransportError, ValueError, runtime.RuntimeDirError) as exc:
         p.exit(2, f"gorb-discovery: {exc}\n")
     return loops.run(disc.loops(), log, "discovery")
 

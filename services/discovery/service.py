@@ -16,6 +16,7 @@ own DEALER, so no loop ever waits on another's connection. ``check`` validates t
 from __future__ import annotations
 
 import logging
+import os
 import socket
 from collections.abc import Callable
 
@@ -98,6 +99,9 @@ class Discovery:
         self.watch_backoff = backoff()
         self.subscriber = Subscriber(ctx, runtime.endpoint(runtime_dir, runtime.EVENTS),
                                      ("service.", "backend."))
+        # The one socket it binds lives in a directory of its own account (gorb.common.runtime;
+        # gorb run makes it when it drops privileges, since the runtime dir is not ours then).
+        runtime.ensure_runtime_dir(os.path.join(runtime_dir, runtime.DISCOVERY_DIR))
         self.control = ControlServer(RouterServer(ctx, store_messages.endpoint(runtime_dir)),
                                      self.syncer)
         log.info("discovery on %s: registration %s, store %s", hostname,

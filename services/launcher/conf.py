@@ -16,6 +16,7 @@ from importlib import resources
 from pathlib import Path
 
 from gorb.common.config import Config, GorbSection
+from gorb.services.launcher.accounts import Account, setpriv_prefix
 
 TEMPLATE = resources.files("gorb.supervisord") / "supervisord.conf.in"
 
@@ -34,6 +35,8 @@ class Layout:
     log_dir: str = DEFAULT_LOG_DIR
     python: str = sys.executable
     ctl_inet: str = ""  # "host:port": supervisord also serves supervisorctl over TCP there
+    account: Account | None = None  # drop api, pulse-worker, discovery to it (accounts.py)
+    setpriv: str = "/usr/bin/setpriv"
 
     @property
     def config_file(self) -> Path:
@@ -60,10 +63,19 @@ def _path(value: str, what: str) -> str:
     return value
 
 
+def prefix(layout: Layout, program: str) -> str:
+    """What goes in front of ``program``'s command: setpriv's words when dropping, else ""."""
+    if layout.account is None:
+        return ""
+    words = setpriv_prefix(_path(layout.setpriv, "setpriv"), layout.account, program)
+    return " ".join(words) + " "
+
+
 def render(cfg: Config, layout: Layout, template: str | None = None) -> str:
     """supervisord.conf for ``cfg`` laid out as ``layout``; ValueError for an unusable path."""
     text = TEMPLATE.read_text() if template is None else template
     values = {
+        **{f"{name.replace('-', '_')}_prefix": prefix(layout, name) for name in PROGRAMS},
         "runtime_dir": _path(layout.runtime_dir, "runtime dir"),
         "log_dir": _path(layout.log_dir, "log dir"),
         "config": _path(str(layout.config_file), "config file"),

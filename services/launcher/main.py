@@ -8,7 +8,11 @@
 flags merged: every program reads only that) and supervisord's config rendered from
 ``supervisord/supervisord.conf.in`` to ``<runtime-dir>/supervisord.conf``, then becomes supervisord
 (exec) in the foreground: Ctrl-C or SIGTERM stops every program in reverse priority order and
-exits. Programs run with this Python (the checkout's venv) from the tree's root.
+exits. Programs run with this Python (the venv gorb is installed in).
+
+Started as root with the account ``gorb.user`` present, the programs drop privileges
+(``accounts.py``): the runtime dir becomes ``root:<user>`` 0750 (with ``discovery/`` of the
+account's own, 0700) and ``gorb.toml`` ``root:<user>`` 0640, since it may hold secrets.
 
 When this kernel has no IPVS (``--guest auto``, the default) ``run`` starts the same system inside
 a user-mode-linux guest instead and relays the API to 127.0.0.1 (``services/launcher/guest.py``).
@@ -24,11 +28,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 from pathlib import Path
 
 from gorb.common import config, runtime
-from gorb.services.launcher import conf, guest, kernel
+from gorb.services.launcher import accounts, conf, guest, kernel
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gorb", description="gorb, an IPVS control plane")
@@ -57,8 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def effective(args: argparse.Namespace) -> tuple[config.Config, conf.Layout]:
-    """The configuration ``run`` hands to every program, and where its files go."""
+def effective(args: argparse.Namespace, euid: int | None = None,
+              warn=None) -> tuple[config.Config, conf.Layout]:
+    """The configuration ``run`` hands to every program, and where its files go (and who runs
+    them: ``warn`` gets the one warning line of a missing account)."""
     cfg = config.from_args(args)
     if args.runtime_dir:
         cfg.gorb.runtime_dir = args.runtime_dir
@@ -66,19 +73,55 @@ def effective(args: argparse.Namespace) -> tuple[config.Config, conf.Layout]:
         cfg.writer.state_file = str(Path(args.state_dir) / conf.STATE_FILE_NAME)
     cfg.gorb.runtime_dir = os.path.abspath(cfg.gorb.runtime_dir)
     cfg.writer.state_file = os.path.abspath(cfg.writer.state_file)
+    account, warning = accounts.plan(cfg.gorb.user, os.geteuid() if euid is None else euid)
+    if warning and warn:
+        warn(warning)
+    setpriv = ""
+    if account is not None:
+        setpriv = shutil.which("setpriv") or ""
+        if not setpriv:
+            raise ValueError(f"setpriv (util-linux) is needed to run programs as {account.name!r}"
+                             " (gorb.user): install util-linux, or set gorb.user = \"\"")
     layout = conf.Layout(runtime_dir=cfg.gorb.runtime_dir, log_dir=os.path.abspath(args.log_dir),
-                         ctl_inet=args.ctl_inet)
+                         ctl_inet=args.ctl_inet, account=account, setpriv=setpriv or "/")
     conf.render(cfg, layout)  # a path supervisord cannot carry is a configuration error too
     return cfg, layout
 
 
 def prepare(cfg: config.Config, layout: conf.Layout) -> None:
-    """Create the directories, write gorb.toml and supervisord.conf (OSError, RuntimeDirError)."""
-    runtime.ensure_runtime_dir(layout.runtime_dir)
+    """Create the directories, write gorb.toml and supervisord.conf (OSError, RuntimeDirError,
+    ValueError for a runtime dir the account cannot reach)."""
+    account = layout.account
     for d in (layout.log_dir, str(Path(cfg.writer.state_file).parent)):
         Path(d).mkdir(parents=True, exist_ok=True)
-    layout.config_file.write_text(config.dump(cfg))
-    layout.supervisord_conf.write_text(conf.render(cfg, layout))
+    if account is None:
+        runtime.ensure_runtime_dir(layout.runtime_dir, 0o770)
+    else:
+        rt = runtime.ensure_runtime_dir(layout.runtime_dir, 0o750, owner=(0, account.gid))
+        blocked = accounts.unreachable(str(rt), account)
+        if blocked:
+            raise ValueError(f"{blocked} is closed to user {account.name!r} (gorb.user), who "
+                             f"must reach the sockets in {rt}: allow it to enter (chmod o+x, or "
+                             "group) or choose another --runtime-dir")
+        runtime.ensure_runtime_dir(rt / runtime.DISCOVERY_DIR, 0o700,
+                                   owner=(account.uid, account.gid))
+    _write_private(layout.config_file, config.dump(cfg), account)
+    _write_private(layout.supervisord_conf, conf.render(cfg, layout), None)
+
+
+def _write_private(path: Path, text: str, account: accounts.Account | None) -> None:
+    """``text`` into ``path``: 0640 and group ``account``'s when given (it must read it), else
+    0600. Written whole, then renamed, so no program reads half a file or an old mode."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        if account is not None:
+            os.fchown(fd, -1, account.gid)
+            os.fchmod(fd, 0o640)
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
 
 
 def exec_supervisord(layout: conf.Layout) -> None:
@@ -110,8 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "ctl":
         return ctl(args)
+    warnings: list[str] = []
     try:
-        cfg, layout = effective(args)
+        cfg, layout = effective(args, warn=warnings.append)
     except (config.ConfigError, ValueError) as exc:
         print(f"gorb run: {exc}", file=sys.stderr)
         return 2
@@ -119,9 +163,11 @@ def main(argv: list[str] | None = None) -> int:
         why = ("--guest always" if args.guest == "always" else
                f"this kernel has no IPVS ({kernel.PROC_FILE} is missing and modprobe ip_vs failed)")
         return guest.run(cfg, layout, why, mem=args.guest_mem)
+    for text in warnings:  # here only: in guest mode the guest's gorb run says it
+        print(f"gorb run: warning: {text}", file=sys.stderr, flush=True)
     try:
         prepare(cfg, layout)
-    except (OSError, runtime.RuntimeDirError) as exc:
+    except (OSError, ValueError, runtime.RuntimeDirError) as exc:
         print(f"gorb run: {exc}", file=sys.stderr)
         return 2
     exec_supervisord(layout)

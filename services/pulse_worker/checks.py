@@ -48,9 +48,11 @@ fails the check at once ("connection refused") instead of waiting for the timeou
 exec: ``argv`` runs without a shell, in ``/``, with stdin from /dev/null and an environment of
 only PATH, GORB_CHECK_ADDRESS and GORB_CHECK_PORT (the target's port after overrides). It runs in
 a session of its own; its whole process group is killed (SIGKILL) when the timeout expires, and
-also after it exits, so no background child outlives the check. When the worker runs as root the
-program runs as user ``nobody`` (its uid and gid, no supplementary groups): a health check never
-needs privileges, and an operator's script must not get root by being named in a REST call.
+also after it exits, so no background child outlives the check. When the worker can switch users
+(root, or an unprivileged worker given CAP_SETUID/CAP_SETGID by ``gorb run``) the program runs as
+user ``nobody`` (its uid and gid, no supplementary groups) with every capability set empty and
+no_new_privs (``privileges.py``): a health check never needs privileges, and an operator's
+script must not get the worker's by being named in a REST call.
 """
 
 from __future__ import annotations
@@ -76,6 +78,7 @@ import dns.rdatatype
 
 from gorb.common.check_spec import DEFAULT_PORTS, CheckSpec, scheme_of
 from gorb.common.validation import expect_codes
+from gorb.services.pulse_worker import privileges
 from gorb.services.pulse_worker.tracker import Result
 
 BODY_LIMIT = 64 * 1024        # bytes of an HTTP body searched for ``body``
@@ -394,12 +397,12 @@ def _exec(spec: CheckSpec, deadline: _Deadline) -> None:
     env = {"PATH": EXEC_PATH, "GORB_CHECK_ADDRESS": spec.address,
            "GORB_CHECK_PORT": str(spec.target_port)}
     drop: dict[str, Any] = {}
-    if os.geteuid() == 0:
+    if privileges.switch_user_now():
         try:
             pw = pwd.getpwnam(EXEC_USER)
         except KeyError:
             raise _Fail(f"exec: no user {EXEC_USER!r} to run the check as") from None
-        drop = {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": []}
+        drop = {"preexec_fn": privileges.become(pw.pw_uid, pw.pw_gid)}
     try:
         proc = subprocess.Popen([str(a) for a in argv], stdin=subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd="/",

@@ -17,7 +17,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -26,9 +25,10 @@ import pytest
 
 from gorb.services.launcher import netns, uml
 from gorb.services.launcher.relay import connect_in
+from tests import installed
 
 REPO = Path(__file__).resolve().parents[2]
-GORB = str(Path(sys.executable).with_name("gorb"))
+GORB = installed.gorb()  # the install's (tests/installed.py), never this checkout
 PORT = 4672
 
 pytestmark = [
@@ -93,7 +93,7 @@ class GorbRun:
             ["nsenter", f"--net=/run/netns/{ns}", GORB, "run", "-l", f":{PORT}",
              "--runtime-dir", str(work / "run"), "--state-dir", str(work / "state"),
              "--log-dir", str(work / "log")],
-            cwd=REPO, stdout=self.out, stderr=subprocess.STDOUT)
+            cwd="/", stdout=self.out, stderr=subprocess.STDOUT)
         self.http = InNetns(ns)
 
     def output(self) -> str:

@@ -8,17 +8,26 @@ Isolation: IPVS tables are per network namespace, so each test gets fresh namesp
 writer process (``ip netns exec``); nothing a test does is seen by another.
 
 Addresses: 10.77.0.0/16, only inside namespaces made here (the guest has no network device).
+
+Accounts: gorb drops api, pulse-worker and discovery to the account ``gorb`` when it exists
+(``gorb.services.launcher.accounts``), as a ``.deb`` install has it. The guest's root is the
+host's, read-only, so where the host has no such account ``gorb_account`` gives the guest one (a
+copy of /etc/passwd and /etc/group with it added, bind-mounted over them): every whole-system test
+here runs least-privileged, as production does.
+
+gorb itself runs from an install (``tests/installed.py``: the wheel in a venv outside the tree),
+never from this checkout.
 """
 
 from __future__ import annotations
 
 import itertools
 import os
+import pwd
 import re
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -29,6 +38,7 @@ import zmq
 
 from gorb.common import runtime
 from gorb.common.transport import RequestClient, TransportTimeout
+from tests import installed
 
 IN_SANDBOX = os.environ.get("GORB_SANDBOX") == "1"
 REPO = Path(__file__).resolve().parents[2]
@@ -42,6 +52,45 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "tests/sandbox" in str(item.fspath):
             item.add_marker(skip)
+
+
+ACCOUNT = "gorb"
+_ACCOUNT_ETC = Path("/run/gorb-test-etc")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def gorb_account() -> pwd.struct_passwd | None:
+    """The ``gorb`` account inside the guest (see the module docstring); None off the sandbox."""
+    if not IN_SANDBOX:
+        return None
+    try:
+        return pwd.getpwnam(ACCOUNT)
+    except KeyError:
+        pass
+    passwd, group = Path("/etc/passwd").read_text(), Path("/etc/group").read_text()
+    used = {int(line.split(":")[2]) for text in (passwd, group)
+            for line in text.splitlines() if line.count(":") >= 2}
+    uid = next(n for n in range(999, 100, -1) if n not in used)
+    _ACCOUNT_ETC.mkdir(exist_ok=True)
+    for name, text, line in (("passwd", passwd,
+                              f"{ACCOUNT}:x:{uid}:{uid}:gorb (tests):/var/lib/gorb:"
+                              "/usr/sbin/nologin"),
+                             ("group", group, f"{ACCOUNT}:x:{uid}:")):
+        (_ACCOUNT_ETC / name).write_text(text.rstrip("\n") + "\n" + line + "\n")
+        (_ACCOUNT_ETC / name).chmod(0o644)
+        sh(f"mount --bind {_ACCOUNT_ETC / name} /etc/{name}")
+    return pwd.getpwnam(ACCOUNT)
+
+
+def open_to_all(path: Path) -> None:
+    """Let any account enter ``path`` and the directories above it (o+x, no listing): pytest
+    makes its temporary directories 0700, and gorb's dropped programs must reach a runtime dir
+    made under one (``gorb run`` refuses one they cannot reach)."""
+    top = tempfile.gettempdir() + "/"
+    for p in [path, *path.parents]:
+        mode = p.stat().st_mode
+        if str(p).startswith(top) and p.stat().st_uid == os.geteuid() and not mode & 0o001:
+            p.chmod((mode & 0o7777) | 0o011)
 
 
 def sh(cmd: str, check: bool = True, ns: str | None = None) -> str:
@@ -131,11 +180,12 @@ class Writer:
         return self.workdir / "writer.log"
 
     def start(self, *args: str, wait: bool = True) -> None:
-        cmd = ["ip", "netns", "exec", self.ns, sys.executable, "-m", "gorb.services.ipvs_writer",
+        cmd = ["ip", "netns", "exec", self.ns, installed.python(), "-P", "-m",
+               "gorb.services.ipvs_writer",
                "--runtime-dir", self.runtime_dir, "--state-file", str(self.state_file),
                "--reconcile-interval", str(self.reconcile), *self.extra_args, *args]
         with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(cmd, cwd="/", stdout=log, stderr=subprocess.STDOUT)
         if wait:
             self.wait_ready()
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -37,7 +36,7 @@ from pathlib import Path
 import pytest
 
 from tests.sandbox import topology
-from tests.sandbox.conftest import REPO
+from tests import installed
 from tests.sandbox.pulse_servers import (
     KernelTable,
     Pacer,
@@ -106,10 +105,11 @@ def pulse_worker():
         log = Path(writer.workdir) / f"pulse-worker-{len(made) + 1}.log"
         with open(log, "wb") as out:
             proc = subprocess.Popen(
-                ["ip", "netns", "exec", writer.ns, sys.executable, "-m", "gorb.services.pulse_worker",
+                ["ip", "netns", "exec", writer.ns, installed.python(), "-P", "-m",
+                 "gorb.services.pulse_worker",
                  "--config", os.devnull, "--runtime-dir", writer.runtime_dir,
                  "--index", "0", "--workers", "1"],
-                cwd=REPO, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+                cwd="/", stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
         made.append(PulseWorker(proc, log))
         return made[-1]
 

@@ -18,7 +18,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 import xmlrpc.client
@@ -34,7 +33,8 @@ from gorb.common.transport import RequestClient
 from gorb.services.launcher import netns as launcher_netns
 from gorb.services.launcher.relay import Relay, connect_in
 from tests.sandbox import topology
-from tests.sandbox.conftest import REPO, ipvsadm, sh
+from tests import installed
+from tests.sandbox.conftest import ipvsadm, open_to_all, sh
 from tests.sandbox.topology import BACKEND_PORT, VIP, VIP_PORT
 
 # What `gorb run` supervises with the default pulse.workers = 2; discovery runs (idle) even with
@@ -75,13 +75,14 @@ class Gorb:
             f'[writer]\nstate_file = "{root}/state/state.json"\nreconcile_interval = 1.0\n'
             f'{device_line}{extra_config}')
         self.out = root / "gorb-run.out"
+        open_to_all(root)  # dropped programs (user gorb) must reach the runtime dir under it
         self._ns_fd = launcher_netns.open_ns(ns)
         with open(self.out, "wb") as out:
             self.proc = subprocess.Popen(
-                ["ip", "netns", "exec", ns, sys.executable, "-m", "gorb.services.launcher", "run",
+                ["ip", "netns", "exec", ns, installed.gorb(), "run",
                  "--config", str(self.config), "--runtime-dir", str(self.run_dir),
                  "--log-dir", str(root / "log")],
-                cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+                cwd="/", stdout=out, stderr=subprocess.STDOUT)
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -92,9 +93,8 @@ class Gorb:
             self._ns_fd = -1
 
     def ctl(self, *args: str) -> str:
-        proc = subprocess.run([sys.executable, "-m", "gorb.services.launcher", "ctl", "--runtime-dir",
-                               str(self.run_dir), *args], cwd=REPO, capture_output=True,
-                              text=True, timeout=60)
+        proc = subprocess.run([installed.gorb(), "ctl", "--runtime-dir", str(self.run_dir),
+                               *args], cwd="/", capture_output=True, text=True, timeout=60)
         return proc.stdout + proc.stderr
 
     def processes(self) -> dict[str, dict]:
@@ -231,7 +231,7 @@ def test_gorb_run_supervises_writer_api_and_pulse_workers(gorb):
     assert all(f"{p} " in status for p in PROGRAMS), status
     assert status.count("RUNNING") == len(PROGRAMS), status
     assert "pulse-worker:pulse-worker_00 " in status, status  # one group, numprocs = 2
-    plain = subprocess.run([str(Path(sys.executable).parent / "supervisorctl"), "-c",
+    plain = subprocess.run([str(installed.venv() / "bin" / "supervisorctl"), "-c",
                             str(gorb.run_dir / "supervisord.conf"), "status"],
                            capture_output=True, text=True, timeout=60).stdout
     assert "ipvs-writer" in plain and "RUNNING" in plain

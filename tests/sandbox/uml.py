@@ -11,12 +11,17 @@ stdout while it runs and its exit status becomes ours. No network device is give
 every address a test uses lives in namespaces inside it. The boot itself is
 ``services/launcher/uml.py`` (shared with ``gorb run``'s guest mode).
 
+Variables ``GORB_TEST_*`` of our environment (``GORB_TEST_VENV``: the install the tests run, see
+``tests/installed.py``) are set inside too, and a path one of them names is mounted (read-write,
+same path) when the guest's own tmpfs would hide it.
+
 Exit status: the command's, or 124 on timeout, or 125 when the guest died without one.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import tempfile
@@ -38,8 +43,11 @@ def run(argv: list[str], timeout: float = 1800, mem: str = "1G", env: dict[str, 
         print(f"sandbox: {why}", file=sys.stderr)
         return 125
     work = Path(tempfile.mkdtemp(prefix="gorb-uml-", dir="/tmp"))
-    guest = uml.Guest(argv, work, env=dict(env or {}), mem=mem, cwd=str(REPO),
-                      mounts=sorted({str(REPO), *uml.python_mounts(), *mounts}))
+    forwarded = {k: v for k, v in os.environ.items() if k.startswith("GORB_TEST_")}
+    named = {os.path.abspath(v) for v in forwarded.values()
+             if os.path.isabs(v) and os.path.exists(v) and uml.shadowed(v)}
+    guest = uml.Guest(argv, work, env={**forwarded, **(env or {})}, mem=mem, cwd=str(REPO),
+                      mounts=sorted({str(REPO), *uml.python_mounts(), *named, *mounts}))
     try:
         guest.start()
         deadline = time.monotonic() + timeout

@@ -30,7 +30,7 @@ import webtest
 import zmq
 import zmq.green
 
-from gorb.common import store_messages
+from gorb.common import runtime, store_messages
 from gorb.common.errors import MSG_NOT_FOUND
 from gorb.common.transport import RouterServer
 from gorb.services.api import openapi
@@ -70,6 +70,7 @@ class FakeDiscovery:
     """discovery's control socket, answering ``replies[type]`` after ``delay`` seconds."""
 
     def __init__(self, rundir: str):
+        runtime.ensure_runtime_dir(os.path.join(rundir, runtime.DISCOVERY_DIR))
         self.endpoint = store_messages.endpoint(rundir)
         self.replies = {"store.sync": ok(SYNC_OK), "store.status": ok(STATUS)}
         self.delay = 0.0

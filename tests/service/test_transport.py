@@ -263,6 +263,26 @@ def test_runtime_dir_mode_is_exact(tmpdir_short, mode):
     assert stat.S_IMODE(os.stat(path).st_mode) == mode
 
 
+@pytest.mark.parametrize("before, after", [(0o750, 0o750), (0o700, 0o700), (0o755, 0o750),
+                                           (0o777, 0o770), (0o2750, 0o750)])
+def test_programs_keep_the_launchers_mode_but_never_other(tmpdir_short, before, after):
+    """mode=None (what the writer and discovery pass): gorb run chose the mode, a program only
+    takes away what "other" (or a set-id bit) would have; a new directory gets 0o770."""
+    path = os.path.join(tmpdir_short, "run")
+    os.mkdir(path)
+    os.chmod(path, before)
+    ensure_runtime_dir(path)
+    assert stat.S_IMODE(os.stat(path).st_mode) == after
+    fresh = ensure_runtime_dir(os.path.join(tmpdir_short, "new"))
+    assert stat.S_IMODE(os.stat(fresh).st_mode) == 0o770
+
+
+def test_discovery_binds_in_its_own_directory(tmpdir_short):
+    from gorb.common import store_messages
+    assert store_messages.endpoint(tmpdir_short) == \
+        f"ipc://{tmpdir_short}/{runtime.DISCOVERY_DIR}/discovery.sock"
+
+
 @pytest.mark.parametrize("mode", [0o777, 0o771, 0o704, 0o1770, 0o2770])
 def test_runtime_dir_refuses_mode_beyond_owner_and_group(tmpdir_short, mode):
     with pytest.raises(ValueError):
@@ -300,7 +320,7 @@ def test_bound_socket_file_mode_is_0660(ctx, rundir):
         for name in ("writer", "events", "health"):
             st = os.stat(rundir / f"{name}.sock")
             assert stat.S_ISSOCK(st.st_mode)
-            assert stat.S_IMODE(st.st_mode) == 0o660
+            assert stat.S_IMODE(st.st_mode) == 0o770
 
 
 def test_bind_replaces_socket_file_of_dead_process(ctx, rundir):

@@ -51,7 +51,7 @@ def test_rendered_config_is_what_supervisord_runs(tmp_path):
     assert sv.pidfile == f"{lay.runtime_dir}/supervisord.pid"
     assert sv.childlogdir == lay.log_dir
     assert [(s["family"] == 1, s["file"], s["chmod"]) for s in sv.server_configs] == \
-        [(True, f"{lay.runtime_dir}/supervisor.sock", 0o770)]  # AF_UNIX only: no TCP
+        [(True, f"{lay.runtime_dir}/supervisor.sock", 0o700)]  # AF_UNIX only: no TCP
     progs = programs(opts)
     assert list(conf.PROGRAMS) == ["ipvs-writer", "api", "pulse-worker", "discovery"]
     workers = [f"pulse-worker_{i:02d}" for i in range(config.Config().pulse.workers)]
@@ -217,6 +217,7 @@ def test_ctl_runs_supervisorctl_on_the_instance_config(tmp_path, monkeypatch):
 def test_run_with_ipvs_writes_both_files_and_becomes_supervisord(tmp_path, monkeypatch):
     monkeypatch.setattr(kernel, "has_ipvs", lambda: True)
     monkeypatch.setenv("GORB_API_LISTEN", ":7000")
+    monkeypatch.setenv("GORB_GORB_USER", "")  # no privilege drop here: tests/unit/test_accounts.py
     execve = Recorder()
     monkeypatch.setattr(os, "execve", execve)
     rt = tmp_path / "rt"

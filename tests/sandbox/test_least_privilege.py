@@ -1,0 +1,212 @@
+"""gorb installed and least-privileged, on a real kernel: the wheel's install runs the whole
+supervised system (API, writer, pulse, kernel entries, traffic through a VIP), and each program
+has exactly the uid and capabilities ``gorb.services.launcher.accounts`` promises, read from
+``/proc/<pid>/status`` as the kernel reports them.
+
+Runs as root in the guest with the account ``gorb`` present (``conftest.gorb_account``), as a
+``.deb`` install is: ``gorb run`` drops api, pulse-worker and discovery to it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import socket
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from gorb.common import runtime
+from tests import installed
+from tests.sandbox import topology
+from tests.sandbox.conftest import ACCOUNT
+from tests.sandbox.test_supervised import PROGRAMS, Gorb, poll, proc_table
+from tests.sandbox.topology import BACKEND_PORT, VIP, VIP_PORT
+
+NET_ADMIN = 1 << 12
+SETUID_SETGID = (1 << 7) | (1 << 6)
+NOBODY = pwd.getpwnam("nobody")
+
+
+def status_of(pid: int | str) -> dict[str, str]:
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        fields[key] = value.strip()
+    return fields
+
+
+def creds(status: dict[str, str]) -> dict:
+    """The credentials that matter here: uids and gids (real, effective, saved, fs), the
+    capability masks, no_new_privs."""
+    return {"uid": {int(u) for u in status["Uid"].split()},
+            "gid": {int(g) for g in status["Gid"].split()},
+            **{k: int(status[k], 16) for k in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")},
+            "nnp": int(status["NoNewPrivs"])}
+
+
+@pytest.fixture(scope="module")
+def system(tmp_path_factory, gorb_account):
+    """One installed gorb run over the NAT topology, with one backend checked by an exec check
+    that records the credentials it runs with."""
+    made: list[str] = []
+
+    def netns(prefix: str = "g") -> str:
+        name = f"lp{prefix}{os.getpid() % 1000}x{len(made)}"
+        subprocess.run(["ip", "netns", "add", name], check=True)
+        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+        made.append(name)
+        return name
+
+    topo = topology.build(netns, n_backends=2)
+    root = tmp_path_factory.mktemp("lp")
+    probe = root / "probe"
+    probe.mkdir()
+    probe.chmod(0o777)  # the exec check (user nobody) writes its status here
+    gorb = Gorb(topo.lb, root)
+    try:
+        gorb.wait_states({p: "RUNNING" for p in PROGRAMS})
+        gorb.wait_api()
+        yield gorb, topo, probe, gorb_account
+    finally:
+        gorb.close()
+        topo.close()
+        for name in made:
+            subprocess.run(f"ip netns pids {name} | xargs -r kill -9", shell=True)
+            subprocess.run(["ip", "netns", "del", name])
+
+
+def test_the_installed_package_serves_traffic_through_a_vip(system):
+    gorb, topo, probe, _ = system
+    assert installed.is_install(), "tests/run sets GORB_TEST_VENV: this must run an install"
+    # every program is the install's Python, not this checkout's
+    for name in PROGRAMS:
+        cmdline = Path(f"/proc/{gorb.pid(name)}/cmdline").read_bytes().split(b"\0")
+        assert cmdline[0].decode().startswith(f"{installed.venv()}/bin/python"), (name, cmdline)
+    pulse = {"type": "exec", "interval": "1s",
+             "args": {"argv": ["/bin/sh", "-c", f"cat /proc/self/status > {probe}/status"]}}
+    assert gorb.http("PUT", "/service/web", {"host": VIP, "port": VIP_PORT, "method": "rr"}
+                     ).status == 200
+    for rs in ("b1", "b2"):
+        body = {"host": topo.addresses[rs], "port": BACKEND_PORT, "pulse": pulse}
+        assert gorb.http("PUT", f"/service/web/{rs}", body).status == 200
+    want = {f"TCP {VIP}:{VIP_PORT}": {f"{topo.addresses[rs]}:{BACKEND_PORT}": ("Masq", 100)
+                                      for rs in ("b1", "b2")}}
+    poll("the kernel table", lambda: proc_table(gorb.proc.pid), want.__eq__, 30.0)
+    poll("pulse says up",
+         lambda: gorb.http("GET", "/service/web/b1").json()["metrics"]["status_name"],
+         "up".__eq__, 30.0)
+    result = topo.requests(20)
+    assert result["failures"] == 0, result
+    assert result["counts"] == {"b1": 10, "b2": 10}, result
+
+
+def test_each_program_has_its_uid_and_capabilities_only(system):
+    gorb, _, _, account = system
+    gorb_ids = {account.pw_uid}
+    expect = {
+        "ipvs-writer": {"uid": {0}, "gid": {account.pw_gid}, "CapInh": 0, "CapPrm": NET_ADMIN,
+                        "CapEff": NET_ADMIN, "CapBnd": NET_ADMIN, "CapAmb": 0, "nnp": 1},
+        "api": {"uid": gorb_ids, "gid": {account.pw_gid}, "CapInh": 0, "CapPrm": 0,
+                "CapEff": 0, "CapBnd": 0, "CapAmb": 0, "nnp": 1},
+        "discovery": {"uid": gorb_ids, "gid": {account.pw_gid}, "CapInh": 0, "CapPrm": 0,
+                      "CapEff": 0, "CapBnd": 0, "CapAmb": 0, "nnp": 1},
+    }
+    for worker in ("pulse-worker_00", "pulse-worker_01"):
+        expect[worker] = {"uid": gorb_ids, "gid": {account.pw_gid}, "CapInh": SETUID_SETGID,
+                          "CapPrm": SETUID_SETGID, "CapEff": SETUID_SETGID,
+                          "CapBnd": SETUID_SETGID, "CapAmb": SETUID_SETGID, "nnp": 1}
+    seen = {name: creds(status_of(gorb.pid(name))) for name in PROGRAMS}
+    assert seen == expect
+    # supervisord itself stays root (it must start the writer); nothing else does
+    assert creds(status_of(gorb.proc.pid))["uid"] == {0}
+
+
+def test_exec_checks_run_as_nobody_with_no_capabilities(system):
+    gorb, _, probe, _ = system
+    # the first test created the backends; their exec checks write this every second
+    text = poll("the exec check's status", lambda: (probe / "status").exists() and
+                (probe / "status").read_text(), bool, 30.0)
+    fields = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        fields[key] = value.strip()
+    seen = creds(fields)
+    assert seen == {"uid": {NOBODY.pw_uid}, "gid": {NOBODY.pw_gid}, "CapInh": 0, "CapPrm": 0,
+                    "CapEff": 0, "CapBnd": SETUID_SETGID, "CapAmb": 0, "nnp": 1}
+    assert fields["Groups"] == ""
+
+
+def test_runtime_dir_and_sockets_belong_to_root_and_the_group(system):
+    gorb, _, _, account = system
+    rt = gorb.run_dir
+
+    def owner_mode(path: Path) -> tuple[int, int, int]:
+        st = os.lstat(path)
+        return st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)
+
+    assert owner_mode(rt) == (0, account.pw_gid, 0o750)
+    for name in (runtime.WRITER, runtime.EVENTS, runtime.HEALTH):
+        path = rt / f"{name}.sock"
+        assert stat.S_ISSOCK(os.lstat(path).st_mode)
+        assert owner_mode(path) == (0, account.pw_gid, 0o770), name
+    assert owner_mode(rt / runtime.DISCOVERY_DIR) == (account.pw_uid, account.pw_gid, 0o700)
+    assert owner_mode(rt / runtime.DISCOVERY_DIR / "discovery.sock")[:2] == \
+        (account.pw_uid, account.pw_gid)
+    assert owner_mode(rt / "supervisor.sock") == (0, 0, 0o700)
+    assert owner_mode(rt / "gorb.toml") == (0, account.pw_gid, 0o640)
+
+
+CONNECT = """
+import json, socket, sys
+s = socket.socket(socket.AF_UNIX)
+try:
+    s.connect(sys.argv[1])
+    print(json.dumps("connected"))
+except OSError as exc:
+    print(json.dumps(exc.errno))
+"""
+
+
+def connect_as(user: str, path: Path) -> object:
+    """Connect to the unix socket ``path`` as ``user`` (no groups of root's, no capabilities)."""
+    out = subprocess.run(["setpriv", f"--reuid={user}", f"--regid={pwd.getpwnam(user).pw_gid}",
+                          "--init-groups", "--inh-caps=-all", "--bounding-set=-all", "--",
+                          installed.python(), "-S", "-c", CONNECT, str(path)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def test_another_user_cannot_connect_to_the_writer(system):
+    gorb, _, _, _ = system
+    writer = gorb.run_dir / f"{runtime.WRITER}.sock"
+    import errno
+    assert connect_as("nobody", writer) == errno.EACCES
+    assert connect_as(ACCOUNT, writer) == "connected"  # the group may: the api does
+    # nor reach supervisord's control socket, even as the gorb account
+    assert connect_as(ACCOUNT, gorb.run_dir / "supervisor.sock") == errno.EACCES
+
+
+def test_install_holds_one_top_level_package_and_no_common():
+    venv = installed.venv()
+    assert installed.is_install()
+    site = next((venv / "lib").glob("python3*/site-packages"))
+    out = subprocess.run([installed.python(), "-c", "import common"], cwd="/",
+                         capture_output=True, text=True)
+    assert out.returncode != 0 and "No module named 'common'" in out.stderr
+    out = subprocess.run([installed.python(), "-c", "import services"], cwd="/",
+                         capture_output=True, text=True)
+    assert out.returncode != 0
+    where = subprocess.run([installed.python(), "-c",
+                            "import gorb.services.api.app as m, gorb.common.model as c; "
+                            "print(m.__file__); print(c.__file__)"],
+                           cwd="/", capture_output=True, text=True, check=True).stdout.split()
+    assert all(path.startswith(str(site) + "/gorb/") for path in where), where
+    record = next(site.glob("gorb-*.dist-info")) / "RECORD"
+    tops = {line.split("/")[0] for line in record.read_text().splitlines()
+            if not line.startswith("../")}
+    assert {t for t in tops if not t.endswith(".dist-info")} == {"gorb"}, tops
