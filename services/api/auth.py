@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,6 +78,17 @@ def decide(method: str, rule: str | None, role: str | None) -> int:
     if need == ADMIN and role != ADMIN:
         return 403
     return 200
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a listen host reaches this machine only ("0.0.0.0", "::", a routable address or
+    a name other than localhost do not)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def bearer(header: str | None) -> str | None:
