@@ -62,16 +62,20 @@ def tls_context(cert: str, key: str) -> ssl.SSLContext:
     """The server context of a PEM certificate (chain) and its key; ConfigError when either
     cannot be read or they do not match. gevent's own SSLContext: its sockets are cooperative
     without monkey-patching."""
+    for name, path in (("api.tls_cert", cert), ("api.tls_key", key)):
+        try:  # load_cert_chain's OSError does not say which file
+            with open(path, "rb"):
+                pass
+        except OSError as exc:
+            raise ConfigError(f"{name}: cannot read {path}: {exc.strerror or exc}") from None
     ctx = gevent_ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
         ctx.load_cert_chain(cert, key)
-    except ssl.SSLError as exc:
+    except (ssl.SSLError, OSError) as exc:
+        reason = getattr(exc, "reason", None) or exc
         raise ConfigError(f"api.tls_cert {cert} and api.tls_key {key}: not a PEM certificate "
-                          f"and its private key ({exc.reason or exc})") from None
-    except OSError as exc:
-        raise ConfigError(f"api.tls_cert {cert} / api.tls_key {key}: cannot read "
-                          f"{exc.filename or 'them'}: {exc.strerror or exc}") from None
+                          f"and its private key ({reason})") from None
     return ctx
 
 
