@@ -17,7 +17,7 @@ import argparse
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import msgspec
 
@@ -32,12 +32,53 @@ class GorbSection(msgspec.Struct, forbid_unknown_fields=True):
                                         # uid with CAP_NET_ADMIN only
 
 
+class ApiToken(msgspec.Struct, forbid_unknown_fields=True):
+    """One API client, ``[api.tokens] NAME = { secret = "...", role = "admin" }``: exactly one of
+    ``secret`` (inline) and ``secret_file`` (a file whose content, less its trailing newline, is
+    the secret; read by the API process only, at start, so ``dump`` keeps the path, not the
+    secret). UNSET, not "", means absent, so that ``secret = ""`` is told from no secret and
+    neither is written back by ``dump``."""
+    ROLES: ClassVar[tuple[str, ...]] = ("read", "admin")  # read: GET/HEAD; admin: all routes
+
+    role: str
+    secret: str | msgspec.UnsetType = msgspec.UNSET
+    secret_file: str | msgspec.UnsetType = msgspec.UNSET
+
+    def problem(self) -> str:
+        """Why this table cannot be used, or "" (the secret file is not read here)."""
+        if self.role not in self.ROLES:
+            return f"role must be read or admin, not {self.role!r}"
+        has_secret = self.secret is not msgspec.UNSET
+        if has_secret == (self.secret_file is not msgspec.UNSET):
+            return "needs exactly one of secret and secret_file"
+        if has_secret and not self.secret:
+            return "the secret is empty"
+        if not has_secret and not self.secret_file:
+            return "secret_file is empty"
+        return ""
+
+
 class ApiSection(msgspec.Struct, forbid_unknown_fields=True):
     listen: str = ":4672"               # GORB -l: host:port; ":4672" = every address
     writer_timeout: float = 5.0         # seconds to wait for the writer's answer (then 503)
     idle_timeout: float = 60.0          # seconds a connection may wait for or send a request
     max_connections: int = 512          # client connections served at once (then the backlog;
                                         # each is a descriptor: supervisord's minfds is 1024)
+    tokens: dict[str, ApiToken] = {}    # bearer tokens by client name; none = open API (GORB)
+    tls_cert: str = ""                  # PEM certificate (chain) file: serve HTTPS; "" = HTTP
+    tls_key: str = ""                   # PEM private key file of tls_cert (both or neither)
+    audit_log: str = ""                 # JSON lines, one per mutating request; "" = no audit
+
+    def __post_init__(self) -> None:
+        """What can be checked without reading a file (every process loads this section; only
+        the API reads secret files and certificates): raised as a ValidationError that
+        ``load`` turns into a ConfigError naming the file."""
+        for name, token in self.tokens.items():
+            problem = token.problem()
+            if problem:
+                raise ValueError(f"api.tokens.{name}: {problem}")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("api.tls_cert and api.tls_key must be set together")
 
 
 class WriterSection(msgspec.Struct, forbid_unknown_fields=True):

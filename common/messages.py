@@ -19,6 +19,13 @@ Every request is an envelope (``gorb.common.envelope``) whose ``type`` is a key 
 
     Reply           {"ok": true, "errno": "ok", "reason": "", "data": {...} | null}
 
+A mutation's reply (ok) carries what it changed, for the API's audit log: the objects touched,
+by REST path, before and after (null: absent), as stored (options as validated, the address)::
+
+    data: {"change": {"/service/web": {"before": {"options": {...}, "address": "10.0.0.1"},
+                                       "after": null},
+                      "/service/web/a": {"before": {...}, "after": null}}}   # service.delete
+
 ``address`` is the resolved IP of ``options.host`` (the sender resolves names and the ``-i``
 default); when it is empty, ``options.host`` must itself be an IP literal.
 

@@ -24,6 +24,10 @@ This module is the one choke point where exceptions become responses: a ``GorbEr
 status and text, ``WriterUnavailable`` a 503, anything else is logged with its traceback and
 answered 500 ``internal error`` — never a traceback on the wire, never a dropped connection.
 ``DiscoveryUnavailable`` is a 503 as well.
+
+In front of the routes (``build``): ``auth`` (bearer tokens: 401/403 before any route runs) and
+``audit`` (one JSON line per state-changing request, for which the routes ``note`` the body as
+validated and the change the writer reports).
 """
 
 from __future__ import annotations
@@ -47,7 +51,9 @@ from prometheus_client.registry import CollectorRegistry
 from gorb.common import errors
 from gorb.common.errors import GorbError
 from gorb.common.validation import validate_backend, validate_object_id, validate_service
-from gorb.services.api import openapi, views
+from gorb.services.api import audit, openapi, views
+from gorb.services.api.audit import Audit, AuditFile, note
+from gorb.services.api.auth import Authenticate, Tokens
 from gorb.services.api.discovery_client import DiscoveryClient, DiscoveryUnavailable
 from gorb.services.api.metrics import RequestMetrics, WriterCollector
 from gorb.services.api.resolver import Resolver, is_ip, resolve_host
@@ -118,8 +124,10 @@ class Api:
     """The routes, bound to one writer client; ``app`` is the bottle application."""
 
     def __init__(self, client: WriterClient, resolve: Resolver = resolve_host,
-                 max_body: int = MAX_BODY, discovery: DiscoveryClient | None = None):
+                 max_body: int = MAX_BODY, discovery: DiscoveryClient | None = None,
+                 auth: bool = False):
         self.client = client
+        self.auth = auth  # tokens configured (``auth.Authenticate`` in front): /health says so
         self.discovery = discovery  # None: no store configured, the store routes answer 404
         self.resolve = resolve
         self.max_body = max_body
@@ -145,7 +153,7 @@ class Api:
         app.route("/openapi.json", "GET", self.openapi)
         app.route("/store/sync", "GET", self.store_sync)
         app.route("/store/sync/status", "GET", self.store_status)
-        self._openapi = views.encode(openapi.document())
+        self._openapi = views.encode(openapi.document(auth=auth))
 
     # the choke point ---------------------------------------------------------------------------
 
@@ -197,8 +205,15 @@ class Api:
             raise GorbError(errno, reply["reason"])
         return reply["data"]
 
+    def _mutate(self, type_: str, body: dict[str, Any]) -> None:
+        """Ask the writer for a change; what it changed goes to the audit line."""
+        data = self._ask(type_, body)
+        note(change=data.get("change") if isinstance(data, dict) else None)
+
     def _body(self) -> bytes:
-        return read_body(bottle.request.environ, self.max_body)
+        data = read_body(bottle.request.environ, self.max_body)
+        note(raw=audit.raw_of(data))  # logged only if it does not validate
+        return data
 
     # services ----------------------------------------------------------------------------------
 
@@ -210,10 +225,12 @@ class Api:
         opts = views.decode_service(self._body())
         # GORB's checks before the name lookup: a bad body costs no DNS query (gorb-spec §2.3).
         validate_service(opts)
+        note(body=_wire(opts))
         address = ""
         if opts.host and not is_ip(opts.host):
             address = self.resolve(opts.host)
-        self._ask("service.create", {"service": vs, "options": _wire(opts), "address": address})
+        self._mutate("service.create", {"service": vs, "options": _wire(opts),
+                                        "address": address})
         where = address or opts.host or "<device address>"
         log.info("creating virtual service [%s] on %s:%d", vs, where, opts.port)
         return _done()
@@ -226,13 +243,14 @@ class Api:
     def update_service(self, vs: str) -> Any:
         vs = validate_object_id(vs)
         options = views.decode_service_patch(self._body())
-        self._ask("service.update", {"service": vs, "options": options})
+        note(body=options)
+        self._mutate("service.update", {"service": vs, "options": options})
         log.info("updating virtual service [%s] with %s", vs, sorted(options))
         return _done()
 
     def delete_service(self, vs: str) -> Any:
         vs = validate_object_id(vs)
-        self._ask("service.delete", {"service": vs})
+        self._mutate("service.delete", {"service": vs})
         log.info("removing virtual service [%s]", vs)
         return _done()
 
@@ -242,11 +260,12 @@ class Api:
         vs, rs = validate_object_id(vs), validate_object_id(rs)
         opts = views.decode_backend(self._body())
         validate_backend(opts, fwmark_service=True)  # the writer checks the port under its service
+        note(body=_wire(opts))
         address = ""
         if opts.host and not is_ip(opts.host):
             address = self.resolve(opts.host)
-        self._ask("backend.create", {"service": vs, "backend": rs, "options": _wire(opts),
-                                     "address": address})
+        self._mutate("backend.create", {"service": vs, "backend": rs, "options": _wire(opts),
+                                        "address": address})
         log.info("creating backend [%s] on %s:%d for virtual service [%s]", rs,
                  address or opts.host, opts.port, vs)
         return _done()
@@ -259,13 +278,14 @@ class Api:
     def update_backend(self, vs: str, rs: str) -> Any:
         vs, rs = validate_object_id(vs), validate_object_id(rs)
         weight = views.decode_weight(self._body())
-        self._ask("backend.update", {"service": vs, "backend": rs, "weight": weight})
+        note(body={"weight": weight})
+        self._mutate("backend.update", {"service": vs, "backend": rs, "weight": weight})
         log.info("updating backend [%s/%s] with weight: %d", vs, rs, weight)
         return _done()
 
     def delete_backend(self, vs: str, rs: str) -> Any:
         vs, rs = validate_object_id(vs), validate_object_id(rs)
-        self._ask("backend.delete", {"service": vs, "backend": rs})
+        self._mutate("backend.delete", {"service": vs, "backend": rs})
         log.info("removing backend [%s/%s]", vs, rs)
         return _done()
 
@@ -274,6 +294,7 @@ class Api:
     def store_sync(self) -> Any:
         """qk4l's "sync now": one store round in discovery, what it applied."""
         force = _query_flag("force")
+        note(body={"force": force})
         return _json(200, self._ask_discovery("store.sync", {"force": force}))
 
     def store_status(self) -> Any:
@@ -288,11 +309,13 @@ class Api:
     # the rest ----------------------------------------------------------------------------------
 
     def health(self) -> Any:
+        auth = "on" if self.auth else "off"
         try:
             self._ask("service.list", {})
         except WriterUnavailable as exc:
-            return _json(503, {"api": "ok", "writer": "unavailable", "error": str(exc)})
-        return _json(200, {"api": "ok", "writer": "ok"})
+            return _json(503, {"api": "ok", "writer": "unavailable", "error": str(exc),
+                               "auth": auth})
+        return _json(200, {"api": "ok", "writer": "ok", "auth": auth})
 
     def metrics(self) -> Any:
         return bottle.HTTPResponse(generate_latest(self.registry), 200,
@@ -362,7 +385,19 @@ class AccessLog:
 
 def build(client: WriterClient, resolve: Resolver = resolve_host,
           max_body: int = MAX_BODY,
-          discovery: DiscoveryClient | None = None) -> tuple[Api, Callable]:
-    """The API object and the WSGI application to serve; ``discovery`` only with a store."""
-    api = Api(client, resolve, max_body, discovery)
-    return api, AccessLog(api.app, RequestMetrics(api.registry))
+          discovery: DiscoveryClient | None = None, tokens: Tokens | None = None,
+          audit_file: AuditFile | None = None,
+          clock: Callable[[], float] = time.time) -> tuple[Api, Callable]:
+    """The API object and the WSGI application to serve; ``discovery`` only with a store;
+    ``tokens`` (not empty) turns authentication on, ``audit_file`` the audit log.
+
+    The layers, outermost first: AccessLog (log line, metrics, the last 500), Audit (it sees
+    every answer, 401s included), Authenticate (before the router: no route is revealed), the
+    bottle app."""
+    api = Api(client, resolve, max_body, discovery, auth=bool(tokens))
+    wsgi: Callable = api.app
+    if tokens:
+        wsgi = Authenticate(wsgi, tokens, api.app.router)
+    if audit_file is not None:
+        wsgi = Audit(wsgi, audit_file, api.app.router, clock)
+    return api, AccessLog(wsgi, RequestMetrics(api.registry))

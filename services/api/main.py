@@ -6,6 +6,11 @@ discovery over ``ipc://<runtime_dir>/discovery.sock``). Exit codes: 0 on SIGTERM
 configuration problem or a listen address that cannot be bound, 70 when a reply-reader greenlet
 died of a bug (supervisord restarts the API).
 
+Security, from ``[api]`` (``secure``): the token secrets (``secret_file``s are read here, by this
+process only, at start), the TLS certificate and key, and the audit file, opened before
+serving. Any of them unusable is a configuration error: exit 2 with one line naming it. Without
+tokens the API is open (GORB); listening beyond loopback that way logs a warning.
+
 gevent: ``python -m gorb.services.api`` monkey-patches in its entry module (``__main__``) before anything
 else is imported; this module only uses gevent's own APIs (pywsgi, zmq.green, gevent's resolver),
 so the ``gorb-api`` console script works unpatched as well.
@@ -16,16 +21,19 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+import ssl
 import sys
 
 import gevent
 import zmq.green
 
 from gorb.common import config, logs, runtime, store_messages
+from gorb.services.api import auth
 from gorb.services.api.app import build
+from gorb.services.api.audit import AuditFile
 from gorb.services.api.discovery_client import DiscoveryClient
 from gorb.services.api.resolver import Resolver, resolve_host
-from gorb.services.api.server import Server
+from gorb.services.api.server import Server, tls_context
 from gorb.services.api.writer_client import WriterClient
 
 log = logging.getLogger("api")
@@ -60,22 +68,50 @@ def parse_args(argv: list[str] | None) -> tuple[config.Config, str]:
     return cfg, endpoint
 
 
+def secure(api: config.ApiSection) -> tuple[auth.Tokens, ssl.SSLContext | None,
+                                             AuditFile | None]:
+    """The tokens, the TLS context and the audit file of ``[api]``; ConfigError if unusable."""
+    tokens = auth.load_tokens(api.tokens)
+    if bool(api.tls_cert) != bool(api.tls_key):  # the file loader checks it; the env does not
+        raise config.ConfigError("api.tls_cert and api.tls_key must be set together")
+    tls = tls_context(api.tls_cert, api.tls_key) if api.tls_cert else None
+    audit_file = None
+    if api.audit_log:
+        try:
+            audit_file = AuditFile(api.audit_log)
+        except OSError as exc:
+            raise config.ConfigError(f"api.audit_log: cannot open {api.audit_log}: "
+                                     f"{exc.strerror or exc}") from None
+    host, _ = config.parse_listen(api.listen)
+    if not tokens and not auth.is_loopback(host):
+        log.warning("no [api.tokens] configured: the API on %s is open to anyone who can reach "
+                    "it (GORB-compatible); configure tokens to require them", api.listen)
+    return tokens, tls, audit_file
+
+
 def main(argv: list[str] | None = None, resolve: Resolver = resolve_host) -> int:
     """``resolve`` turns host names into addresses (tests pass one that needs no DNS)."""
     cfg, endpoint = parse_args(argv)
     logs.setup(cfg.gorb.log_level)
+    try:
+        tokens, tls, audit_file = secure(cfg.api)
+    except config.ConfigError as exc:
+        log.error("configuration: %s", exc)
+        return 2
     ctx = zmq.green.Context()
     client = WriterClient(ctx, endpoint, cfg.api.writer_timeout)
     discovery = None  # without a store the /store routes answer 404 without asking discovery
     if cfg.discovery.kv_prefix or cfg.discovery.store_dir:
         discovery = DiscoveryClient(ctx, store_messages.endpoint(cfg.gorb.runtime_dir))
-    _, wsgi = build(client, resolve, discovery=discovery)
+    _, wsgi = build(client, resolve, discovery=discovery, tokens=tokens, audit_file=audit_file)
     server = Server(config.parse_listen(cfg.api.listen), wsgi, cfg.api.idle_timeout,
-                    cfg.api.max_connections)
+                    cfg.api.max_connections, tls=tls)
     try:
         server.init_socket()
     except OSError as exc:
         log.error("cannot listen on %s: %s", cfg.api.listen, exc)
+        if audit_file is not None:
+            audit_file.close()
         client.close()
         if discovery is not None:
             discovery.close()
@@ -100,13 +136,17 @@ def main(argv: list[str] | None = None, resolve: Resolver = resolve_host) -> int
         discovery.reader.link_exception(reader_died)
     gevent.signal_handler(signal.SIGTERM, stop, "SIGTERM")
     gevent.signal_handler(signal.SIGINT, stop, "SIGINT")
-    log.info("setting up HTTP server on %s (writer %s)", cfg.api.listen, endpoint)
+    log.info("setting up %s server on %s (writer %s, auth %s, audit %s)",
+             "HTTPS" if tls else "HTTP", cfg.api.listen, endpoint, "on" if tokens else "off",
+             cfg.api.audit_log or "off")
     try:
         server.serve_forever(stop_timeout=STOP_TIMEOUT)
     finally:
         client.close()
         if discovery is not None:
             discovery.close()
+        if audit_file is not None:
+            audit_file.close()
         ctx.destroy(linger=0)
     return code
 

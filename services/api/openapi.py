@@ -3,7 +3,8 @@
 Request bodies come from the model itself (``msgspec.json.schema_components`` of ServiceOptions and
 BackendOptions), so a field added to the model appears here without an edit; so do the replies of
 the /store routes (discovery's ``SyncResult`` and ``StoreStatus`` of ``gorb.common.store_messages``);
-the other responses and errors are written out below. ``tests/service/test_api_wsgi.py`` walks the
+the other responses and errors are written out below. With tokens configured (``document(auth=True)``)
+every operation but ``/health`` requires the bearer scheme and documents 401 and 403. ``tests/service/test_api_wsgi.py`` walks the
 bottle routes and this document and fails when a route or method is missing from either side.
 
 What JSON Schema cannot say is said in the descriptions: keys match case-insensitively and unknown
@@ -65,6 +66,20 @@ E500 = _error("`error while calling into IPVS: ...` (the kernel refused the chan
               "file could not be written: full or read-only file system), or `internal error` "
               "(a bug, logged with its traceback).")
 E503 = _error("ipvs-writer did not answer in time; retry later.")
+E401 = {**_error("No token, or one that is no client's (`[api.tokens]`): send "
+                 "`Authorization: Bearer <token>`. Given before the route is looked up, so an "
+                 "unknown path is a 401 too."),
+        "headers": {"WWW-Authenticate": {
+            "description": '`Bearer realm="gorb"`, with `error="invalid_token"` when a token '
+                           "was sent but is wrong.",
+            "schema": {"type": "string"}}}}
+E403 = _error("The token's role is `read`: changing state (PUT, PATCH, DELETE, "
+              "`GET /store/sync`) needs `admin`.")
+SECURITY_SCHEMES = {"bearer": {
+    "type": "http", "scheme": "bearer",
+    "description": "A secret of `[api.tokens]` (role `read`: GET; `admin`: everything). "
+                   "Without any token configured the API is open (GORB) and no operation "
+                   "requires one."}}
 E400_SYNC = _error("`sync refused: <why>`: applying the store would delete more than "
                    "`discovery.max_delete_share` of the services or backends, or anything at all "
                    "while the store is empty; nothing was applied (`?force=true` overrides). Or "
@@ -156,8 +171,10 @@ HAND_WRITTEN: dict[str, Any] = {
         "type": "object",
         "properties": {"api": {"type": "string", "enum": ["ok"]},
                        "writer": {"type": "string", "enum": ["ok", "unavailable"]},
-                       "error": {"type": "string"}},
-        "required": ["api", "writer"],
+                       "error": {"type": "string"},
+                       "auth": {"type": "string", "enum": ["on", "off"],
+                                "description": "Whether tokens are required (`[api.tokens]`)."}},
+        "required": ["api", "writer", "auth"],
     },
 }
 
@@ -256,7 +273,21 @@ def _store_schemas(components: dict[str, Any]) -> None:
                                                 "alone, and why.")
 
 
-def document() -> dict[str, Any]:
+def _secure(paths: dict[str, Any]) -> None:
+    """With tokens: every operation but /health needs one, and may answer 401 or 403."""
+    for path, item in paths.items():
+        for method, op in item.items():
+            if method == "parameters":
+                continue
+            if path == "/health":
+                op["security"] = []
+                continue
+            op["responses"].update({"401": copy.deepcopy(E401), "403": copy.deepcopy(E403)})
+
+
+def document(auth: bool = False) -> dict[str, Any]:
+    """The document as this API serves it: ``auth`` (tokens configured) adds the bearer security
+    requirement and the 401/403 responses; the scheme is declared either way."""
     _, components = msgspec.json.schema_components(
         (ServiceOptions, BackendOptions, SyncResult, StoreStatus), ref_template=REF)
     _request_schemas(components)
@@ -334,12 +365,17 @@ def document() -> dict[str, Any]:
                 op_id="openapi"),
         },
     }
-    return {
+    if auth:
+        _secure(paths)
+    doc = {
         "openapi": "3.1.0",
         "info": {"title": "gorb", "version": "1",
                  "description": "GORB's REST API (IPVS virtual services and backends), "
                                 "re-implemented. Success of PUT, PATCH and DELETE is 200 with an "
                                 "empty body; every error is {\"error\": \"<text>\"}."},
         "paths": paths,
-        "components": {"schemas": components},
+        "components": {"schemas": components, "securitySchemes": copy.deepcopy(SECURITY_SCHEMES)},
     }
+    if auth:
+        doc["security"] = [{"bearer": []}]
+    return doc

@@ -105,10 +105,28 @@ def desired_table(services: Services) -> dict[SKey, KService]:
     return {t.key: t for t in map(ktable, services.values())}
 
 
+Change = dict[str, dict[str, Any]]  # "/service/<vs>[/<rs>]" -> {"before": ..., "after": ...}
+
+
 @dataclass
 class Staged:
     touched: str  # the service id whose kernel entries may change
     events: list[tuple[str, str, dict]] = field(default_factory=list)  # (topic, type, body)
+    change: Change = field(default_factory=dict)  # what the request changed, for the reply
+
+
+def _service_state(record: ServiceRecord) -> dict:
+    """A service as a mutation reply's ``change`` shows it: what was asked for and where; its
+    backends are entries of their own (``_backend_state``), health is not a change."""
+    return {"options": msgspec.to_builtins(record.options), "address": record.address}
+
+
+def _backend_state(b: BackendRecord) -> dict:
+    return {"options": msgspec.to_builtins(b.options), "address": b.address}
+
+
+def _change(path: str, before: dict | None, after: dict | None) -> Change:
+    return {path: {"before": before, "after": after}}
 
 
 class Draft:
@@ -237,7 +255,8 @@ def stage(draft: Draft, type_: str, req: Any, default_address: str = "",
             raise GorbError(errors.EXISTS, f"{errors.MSG_EXISTS}: service {other!r} has that address")
         draft.put(vsid, record)
         return Staged(vsid, [(f"service.{vsid}.created", "service.created",
-                                   service_view(vsid, record))])
+                                   service_view(vsid, record))],
+                      _change(f"/service/{vsid}", None, _service_state(record)))
     if current is None:
         raise GorbError(errors.NOT_FOUND)
     if type_ == "service.update":
@@ -262,11 +281,16 @@ def stage(draft: Draft, type_: str, req: Any, default_address: str = "",
             check_pulse(effective_pulse(record, b))
         draft.put(vsid, record)
         return Staged(vsid, [(f"service.{vsid}.updated", "service.updated",
-                                   service_view(vsid, record))])
+                                   service_view(vsid, record))],
+                      _change(f"/service/{vsid}", _service_state(current),
+                              _service_state(record)))
     if type_ == "service.delete":
         draft.remove(vsid)
+        change = _change(f"/service/{vsid}", _service_state(current), None)
+        for rs, b in current.backends.items():  # they go with it
+            change.update(_change(f"/service/{vsid}/{rs}", _backend_state(b), None))
         return Staged(vsid, [(f"service.{vsid}.deleted", "service.deleted",
-                                   {"service": vsid})])
+                                   {"service": vsid})], change)
     rsid = validate_object_id(req.backend)
     backend = current.backends.get(rsid)
     if type_ == "backend.create":
@@ -296,11 +320,14 @@ def stage(draft: Draft, type_: str, req: Any, default_address: str = "",
         del record.backends[rsid]
         record.__dict__["_endpoints"].discard((backend.address, backend.options.port))
         return Staged(vsid, [(f"backend.{vsid}.{rsid}.deleted", "backend.deleted",
-                                   {"service": vsid, "backend": rsid})])
+                                   {"service": vsid, "backend": rsid})],
+                      _change(f"/service/{vsid}/{rsid}", _backend_state(backend), None))
     record = draft.writable(vsid)
     record.backends[rsid] = b
     record.__dict__["_endpoints"].add((b.address, b.options.port))
-    return Staged(vsid, [(topic, verb, backend_view(vsid, rsid, b, record))])
+    return Staged(vsid, [(topic, verb, backend_view(vsid, rsid, b, record))],
+                  _change(f"/service/{vsid}/{rsid}",
+                          None if backend is None else _backend_state(backend), _backend_state(b)))
 
 
 def _changed_dests(was: ServiceRecord, now: ServiceRecord) -> tuple[KService, KService] | None:
@@ -409,7 +436,7 @@ class Engine:
         if all(r is None for r in results):
             self._commit(services, touched)
             return [(messages.fail(s), []) if isinstance(s, GorbError) else
-                    (messages.ok(), s.events) for s in staged]
+                    (messages.ok({"change": s.change}), s.events) for s in staged]
         self._restore(before, touched, ops, results)
         self.services = before
         out = [self._one(type_, body) for type_, body in requests]
@@ -442,7 +469,7 @@ class Engine:
         failed = [r for r in results if r is not None]
         if not failed:
             self._commit(draft.services, {st.touched})
-            return messages.ok(), st.events
+            return messages.ok({"change": st.change}), st.events
         self._restore(before, {st.touched}, ops, results)
         return messages.fail(_kernel_error(failed[0])), []
 

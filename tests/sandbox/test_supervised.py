@@ -62,8 +62,10 @@ class Gorb:
     """
 
     def __init__(self, ns: str, root: Path, listen: str = f"127.0.0.1:{API_PORT}",
-                 device: str | None = None, extra_config: str = "") -> None:
-        """``extra_config``: more TOML (whole sections) after the [api] and [writer] ones."""
+                 device: str | None = None, extra_config: str = "",
+                 api_config: str = "") -> None:
+        """``extra_config``: more TOML (whole sections) after the [api] and [writer] ones;
+        ``api_config``: more [api] keys (lines; ``tokens = { ... }`` as an inline table)."""
         self.ns, self.root = ns, root
         self.api_address = (listen.rpartition(":")[0] or "127.0.0.1",
                             int(listen.rpartition(":")[2]))
@@ -71,7 +73,7 @@ class Gorb:
         self.config = root / "gorb.toml"
         device_line = f'device = "{device}"\n' if device else ""
         self.config.write_text(
-            f'[api]\nlisten = "{listen}"\n'
+            f'[api]\nlisten = "{listen}"\n{api_config}'
             f'[writer]\nstate_file = "{root}/state/state.json"\nreconcile_interval = 1.0\n'
             f'{device_line}{extra_config}')
         self.out = root / "gorb-run.out"

@@ -15,6 +15,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -107,10 +108,14 @@ def hashed_resolve(host: str) -> str:
 class ApiProcess:
     """``python -m gorb.services.api --config <file>`` on a free loopback port; with ``resolver``
     (e.g. ``"tests.service.test_api_support:hashed_resolve"``) the same ``main`` is started with
-    that resolver instead of DNS."""
+    that resolver instead of DNS. ``tls`` is the client context for an API serving HTTPS and
+    ``headers`` go with the start-up probe (a token)."""
 
     def __init__(self, rundir: str, workdir: Path, writer_timeout: float = 1.0,
-                 resolver: str | None = None, log_level: str = "warning", **api: object):
+                 resolver: str | None = None, log_level: str = "warning",
+                 tls: ssl.SSLContext | None = None, headers: dict[str, str] | None = None,
+                 **api: object):
+        self.tls = tls
         self.port = free_port()
         self.config = workdir / "gorb.toml"
         extra = "".join(f"{k} = {v}\n" for k, v in api.items())  # more [api] keys
@@ -130,12 +135,13 @@ class ApiProcess:
         self.proc = subprocess.Popen(
             [sys.executable, *argv, "--config", str(self.config)],
             cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, env=env)
-        self.base = f"http://127.0.0.1:{self.port}"
+        self.base = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, f"the API exited: {self.output()}"
             try:
-                if request("GET", self.port, "/openapi.json", timeout=1)[0] == 200:
+                if request("GET", self.port, "/openapi.json", timeout=1, tls=tls,
+                           headers=headers)[0] == 200:
                     return
             except OSError:
                 time.sleep(0.05)
@@ -159,13 +165,17 @@ class ApiProcess:
 
 
 def request(method: str, port: int, path: str, body: object = None, timeout: float = 10.0,
-            conn: http.client.HTTPConnection | None = None) -> tuple[int, dict, bytes]:
-    """(status, headers, body) of one HTTP request; ``body`` is JSON-encoded unless bytes."""
+            conn: http.client.HTTPConnection | None = None, tls: ssl.SSLContext | None = None,
+            headers: dict[str, str] | None = None) -> tuple[int, dict, bytes]:
+    """(status, headers, body) of one HTTP request (HTTPS with the client context ``tls``);
+    ``body`` is JSON-encoded unless bytes."""
     own = conn is None
-    conn = conn or http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    if conn is None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout) if tls is None \
+            else http.client.HTTPSConnection("127.0.0.1", port, timeout=timeout, context=tls)
     try:
         data = body if body is None or isinstance(body, bytes) else json.dumps(body).encode()
-        conn.request(method, path, body=data)
+        conn.request(method, path, body=data, headers=headers or {})
         resp = conn.getresponse()
         return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
     finally:

@@ -41,20 +41,24 @@ def fake_getaddrinfo(host, port, family, kind):
 
 
 class Harness:
-    def __init__(self, rundir: str, state_file: Path):
+    """``build_args``: more arguments of ``build`` (tokens, an audit file, a discovery client)."""
+
+    def __init__(self, rundir: str, state_file: Path, **build_args):
         self.rundir = rundir
         self.kernel = StatsKernel(schedulers={"rr", "wrr", "lc", "wlc", "sh", "mh"})
         self.writer = WriterThread(rundir, state_file, self.kernel)
         self.ctx = zmq.green.Context()
         self.client = WriterClient(self.ctx, self.writer.endpoint, timeout=0.5)
         self.api, wsgi = build(self.client,
-                               resolve=lambda h: resolve_host(h, getaddrinfo=fake_getaddrinfo))
-        self.app = webtest.TestApp(wsgi)
+                               resolve=lambda h: resolve_host(h, getaddrinfo=fake_getaddrinfo),
+                               **build_args)
+        self.app = webtest.TestApp(wsgi, extra_environ={"REMOTE_ADDR": "192.0.2.7"})
         self.writer_running = True
 
-    def call(self, method: str, path: str, body=None, status=None) -> webtest.TestResponse:
+    def call(self, method: str, path: str, body=None, status=None,
+             headers: dict[str, str] | None = None) -> webtest.TestResponse:
         data = body if body is None or isinstance(body, bytes) else json.dumps(body).encode()
-        kwargs = {"expect_errors": True}
+        kwargs = {"expect_errors": True, "headers": headers or {}}
         if data is not None:
             kwargs["params"] = data
         return getattr(self.app, method.lower())(path, **kwargs)
@@ -486,14 +490,14 @@ def test_no_writer_is_a_503_and_a_restarted_writer_serves_again(h, method, path,
 
 
 def test_health_both_ways(h):
-    assert get(h, "/health") == {"api": "ok", "writer": "ok"}
+    assert get(h, "/health") == {"api": "ok", "writer": "ok", "auth": "off"}
     h.stop_writer()
     resp = h.call("GET", "/health")
     assert resp.status_int == 503
     body = json.loads(resp.body)
     assert (body["api"], body["writer"]) == ("ok", "unavailable")
     h.start_writer()
-    assert get(h, "/health") == {"api": "ok", "writer": "ok"}
+    assert get(h, "/health") == {"api": "ok", "writer": "ok", "auth": "off"}
 
 
 def test_a_late_reply_is_not_given_to_the_next_request(h, monkeypatch):

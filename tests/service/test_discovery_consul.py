@@ -27,7 +27,7 @@ from tests.service.writer_thread import WriterThread
 pytestmark = pytest.mark.timeout(40)
 
 ROOT = Path(__file__).resolve().parents[2]
-OK = {"ok": True, "errno": "ok", "reason": "", "data": None}
+from tests.unit.test_engine import OK  # noqa: E402  (a mutation's data is its change)
 
 
 Writer = WriterThread  # one writer process's objects, its loop in a thread

@@ -39,7 +39,7 @@ LO = "127.0.0.1"
 INTERVAL, TIMEOUT, JITTER = 1.0, 0.5, 0.1
 SLACK = 0.5
 PULSE = {"type": "tcp", "interval": "1s", "timeout": "500ms"}
-OK = {"ok": True, "errno": "ok", "reason": "", "data": None}
+from tests.unit.test_engine import OK  # noqa: E402  (a mutation's data is its change)
 
 
 # --- real backends ------------------------------------------------------------------------------

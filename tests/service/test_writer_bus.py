@@ -24,7 +24,7 @@ from tests.service.writer_thread import WriterThread
 
 pytestmark = pytest.mark.timeout(30)
 
-OK = {"ok": True, "errno": "ok", "reason": "", "data": None}
+from tests.unit.test_engine import OK  # noqa: E402  (a mutation's data is its change)
 NOT_FOUND = {"ok": False, "errno": "not_found", "reason": "unable to locate specified object",
              "data": None}
 WEB_KEY = (2, 6, "10.0.0.1", 80, 0)

@@ -19,7 +19,22 @@ pytestmark = pytest.mark.timeout(10)
 AF4, TCP, UDP = 2, 6, 17
 WEB_KEY = (AF4, TCP, "10.0.0.1", 80, 0)
 
-OK = {"ok": True, "errno": "ok", "reason": "", "data": None}
+PLAIN_OK = {"ok": True, "errno": "ok", "reason": "", "data": None}
+
+
+class OkReply(dict):
+    """Equal to a successful reply: a read's with no data, or a mutation's, whose ``data`` is
+    its change (compared by ``test_a_mutation_reply_carries_its_change``)."""
+
+    def __eq__(self, other):
+        if isinstance(other, dict) and set(other.get("data") or {}) == {"change"}:
+            other = {**other, "data": None}
+        return other == PLAIN_OK
+
+    __hash__ = None
+
+
+OK = OkReply(PLAIN_OK)
 EXISTS = {"ok": False, "errno": "exists", "reason": "specified object already exists", "data": None}
 NOT_FOUND = {"ok": False, "errno": "not_found", "reason": "unable to locate specified object",
              "data": None}
@@ -173,6 +188,49 @@ def test_mutation_reply(req, want):
         assert engine.services == before
         assert persisted.calls == []  # nothing changed, nothing written
         assert kernel.applied == []
+
+
+def _states(engine, path):
+    """A service's or backend's stored state, as a change shows it (None: absent)."""
+    parts = path.split("/")[2:]
+    record = engine.services.get(parts[0])
+    if record is not None and len(parts) == 2:
+        record = record.backends.get(parts[1])
+    if record is None:
+        return None
+    return {"options": msgspec.to_builtins(record.options), "address": record.address}
+
+
+@pytest.mark.parametrize("req, paths", [
+    (svc_create("api", "10.0.0.2"), ["/service/api"]),
+    (svc_update(method="rr"), ["/service/web"]),
+    (svc_delete(), ["/service/web", "/service/web/a", "/service/web/b"]),
+    (be_create(rs="c", host="10.1.0.3"), ["/service/web/c"]),
+    (be_update(rs="b", weight=7), ["/service/web/b"]),
+    (be_delete(rs="a"), ["/service/web/a"]),
+])
+def test_a_mutation_reply_carries_its_change(req, paths):
+    """The before and after of every object the request touched, as stored: the API's audit
+    log writes them (a service delete takes its backends along)."""
+    engine, _, _ = make_engine(*BASE, be_create(rs="b", host="10.1.0.2"))
+    before = {p: _states(engine, p) for p in paths}
+    reply, _ = one(engine, req)
+    after = {p: _states(engine, p) for p in paths}
+    assert reply["ok"] and reply["data"] == {"change": {
+        p: {"before": before[p], "after": after[p]} for p in paths}}
+    assert before != after
+
+
+def test_the_change_of_a_replayed_batch_is_each_requests_own():
+    engine, _, _ = make_engine(*BASE)
+    replies = [r for r, _ in engine.handle_batch([svc_create("bad", "10.0.0.66", method="nosuch"),
+                                                  be_update(weight=9)])]
+    assert replies[0]["ok"] is False and replies[0]["data"] is None  # a refusal changed nothing
+    assert replies[1]["data"] == {"change": {"/service/web/a": {
+        "before": {"options": {**replies[1]["data"]["change"]["/service/web/a"]["after"]
+                               ["options"], "weight": 100}, "address": "10.1.0.1"},
+        "after": _states(engine, "/service/web/a")}}}
+    assert _states(engine, "/service/web/a")["options"]["weight"] == 9
 
 
 @pytest.mark.parametrize("req, want", [
