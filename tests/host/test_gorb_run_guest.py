@@ -172,7 +172,7 @@ def test_gorb_run_boots_the_guest_relays_the_api_and_keeps_state_across_runs(ns,
                 elif url.endswith("/service/web/a"):
                     assert json.loads(done.stdout)["options"]["port"] == 8080, done.stdout
                 elif url.endswith("/health"):
-                    assert json.loads(done.stdout) == {"api": "ok", "writer": "ok"}, done.stdout
+                    assert json.loads(done.stdout) == {"api": "ok", "writer": "ok", "auth": "off"}, done.stdout
                 elif url.endswith("/metrics"):
                     assert "gorb_" in done.stdout, done.stdout[:500]
                 elif url.endswith("/openapi.json"):

@@ -135,7 +135,7 @@ NO_PULSE = {"type": "none"}  # backends at addresses that do not exist keep thei
 # --- every route ----------------------------------------------------------------------------------
 
 def test_health_and_openapi(e2e):
-    assert get(e2e, "/health") == {"api": "ok", "writer": "ok"}
+    assert get(e2e, "/health") == {"api": "ok", "writer": "ok", "auth": "off"}
     doc = get(e2e, "/openapi.json")
     assert doc["openapi"].startswith("3.1"), doc["openapi"]
     assert {"/service", "/service/{vs}", "/service/{vs}/{rs}", "/health", "/metrics",
