@@ -76,14 +76,14 @@ def effective(args: argparse.Namespace, euid: int | None = None,
     account, warning = accounts.plan(cfg.gorb.user, os.geteuid() if euid is None else euid)
     if warning and warn:
         warn(warning)
-    setpriv = ""
+    setpriv = conf.Layout.setpriv
     if account is not None:
         setpriv = shutil.which("setpriv") or ""
         if not setpriv:
             raise ValueError(f"setpriv (util-linux) is needed to run programs as {account.name!r}"
                              " (gorb.user): install util-linux, or set gorb.user = \"\"")
     layout = conf.Layout(runtime_dir=cfg.gorb.runtime_dir, log_dir=os.path.abspath(args.log_dir),
-                         ctl_inet=args.ctl_inet, account=account, setpriv=setpriv or "/")
+                         ctl_inet=args.ctl_inet, account=account, setpriv=setpriv)
     conf.render(cfg, layout)  # a path supervisord cannot carry is a configuration error too
     return cfg, layout
 

@@ -13,6 +13,7 @@ through a setuid binary. Linux only (``/proc/self/status``, prctl, capset throug
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 from collections.abc import Callable
 
@@ -52,7 +53,9 @@ def can_switch_user(euid: int, cap_eff: int) -> bool:
     return euid == 0 or cap_eff & need == need
 
 
+@functools.cache
 def switch_user_now() -> bool:
+    """Asked once per process: a worker's uid and capabilities do not change while it runs."""
     return can_switch_user(os.geteuid(), effective_capabilities())
 
 
