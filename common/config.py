@@ -67,7 +67,10 @@ class ApiSection(msgspec.Struct, forbid_unknown_fields=True):
     tokens: dict[str, ApiToken] = {}    # bearer tokens by client name; none = open API (GORB)
     tls_cert: str = ""                  # PEM certificate (chain) file: serve HTTPS; "" = HTTP
     tls_key: str = ""                   # PEM private key file of tls_cert (both or neither)
-    audit_log: str = ""                 # JSON lines, one per mutating request; "" = no audit
+    # JSON lines, one per mutating request; "" = no audit. Unset: ``gorb run`` writes
+    # <--log-dir>/audit.log (a relative path is taken in --log-dir too); a program started on
+    # its own audits nothing.
+    audit_log: str | msgspec.UnsetType = msgspec.UNSET
 
     def __post_init__(self) -> None:
         """What can be checked without reading a file (every process loads this section; only
@@ -168,7 +171,8 @@ def load(path: str | None = None, env: Mapping[str, str] | None = None,
         for key in section.__struct_fields__:
             var = f"GORB_{section_name}_{key}".upper()
             if var in env:
-                kind = type(getattr(section, key))
+                value = getattr(section, key)
+                kind = str if value is msgspec.UNSET else type(value)
                 try:
                     setattr(section, key, _coerce(env[var], kind))
                 except ValueError as exc:

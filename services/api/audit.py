@@ -28,7 +28,8 @@ error choke point) is logged the same way. The secret of the request never reach
 
 ``AuditFile`` appends each line with one ``write()`` on an ``O_APPEND`` descriptor (whole lines,
 even with several writers) and reopens the path when it was moved or removed (logrotate, as
-``logging.handlers.WatchedFileHandler`` does). A file that cannot be opened at start is the
+``logging.handlers.WatchedFileHandler`` does); until the path can be opened again (the API may
+not create files in a log dir of root's) lines go on into the moved file, so none is lost. A file that cannot be opened at start is the
 caller's configuration error (an API that cannot audit must not serve); a write that fails later
 is logged and the request answered as usual.
 """
@@ -123,10 +124,17 @@ class AuditFile:
                 return
         except FileNotFoundError:
             pass
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-        self._open()
+        old = self._fd
+        try:
+            self._open()
+        except OSError:
+            if old < 0 or os.fstat(old).st_nlink == 0:
+                raise
+            # Moved, and no new file we may create yet (the log dir is root's: logrotate's
+            # "create" makes it a moment later): go on appending to the moved file meanwhile.
+            return
+        if old >= 0:
+            os.close(old)
 
     def write(self, line: bytes) -> bool:
         """Append one line (one ``write()``); False, logged, when the file system refused."""

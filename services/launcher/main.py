@@ -14,6 +14,10 @@ Started as root with the account ``gorb.user`` present, the programs drop privil
 (``accounts.py``): the runtime dir becomes ``root:<user>`` 0750 (with ``discovery/`` of the
 account's own, 0700) and ``gorb.toml`` ``root:<user>`` 0640, since it may hold secrets.
 
+The API's audit log is ``<log-dir>/audit.log`` unless ``api.audit_log`` says otherwise (a relative
+path is taken in the log dir, "" turns it off). ``run`` creates it, the account's and 0640 when
+dropping (the log dir itself stays root's: the API may append to its audit log, nothing else).
+
 When this kernel has no IPVS (``--guest auto``, the default) ``run`` starts the same system inside
 a user-mode-linux guest instead and relays the API to 127.0.0.1 (``services/launcher/guest.py``).
 
@@ -32,8 +36,13 @@ import shutil
 import sys
 from pathlib import Path
 
+import msgspec
+
 from gorb.common import config, runtime
 from gorb.services.launcher import accounts, conf, guest, kernel
+
+AUDIT_FILE_NAME = "audit.log"  # in --log-dir, unless api.audit_log says otherwise
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gorb", description="gorb, an IPVS control plane")
@@ -73,6 +82,11 @@ def effective(args: argparse.Namespace, euid: int | None = None,
         cfg.writer.state_file = str(Path(args.state_dir) / conf.STATE_FILE_NAME)
     cfg.gorb.runtime_dir = os.path.abspath(cfg.gorb.runtime_dir)
     cfg.writer.state_file = os.path.abspath(cfg.writer.state_file)
+    log_dir = os.path.abspath(args.log_dir)
+    if cfg.api.audit_log is msgspec.UNSET:
+        cfg.api.audit_log = AUDIT_FILE_NAME
+    if cfg.api.audit_log:
+        cfg.api.audit_log = os.path.join(log_dir, cfg.api.audit_log)  # absolute: kept as is
     account, warning = accounts.plan(cfg.gorb.user, os.geteuid() if euid is None else euid)
     if warning and warn:
         warn(warning)
@@ -82,7 +96,7 @@ def effective(args: argparse.Namespace, euid: int | None = None,
         if not setpriv:
             raise ValueError(f"setpriv (util-linux) is needed to run programs as {account.name!r}"
                              " (gorb.user): install util-linux, or set gorb.user = \"\"")
-    layout = conf.Layout(runtime_dir=cfg.gorb.runtime_dir, log_dir=os.path.abspath(args.log_dir),
+    layout = conf.Layout(runtime_dir=cfg.gorb.runtime_dir, log_dir=log_dir,
                          ctl_inet=args.ctl_inet, account=account, setpriv=setpriv)
     conf.render(cfg, layout)  # a path supervisord cannot carry is a configuration error too
     return cfg, layout
@@ -105,8 +119,36 @@ def prepare(cfg: config.Config, layout: conf.Layout) -> None:
                              "group) or choose another --runtime-dir")
         runtime.ensure_runtime_dir(rt / runtime.DISCOVERY_DIR, 0o700,
                                    owner=(account.uid, account.gid))
+    if cfg.api.audit_log:
+        prepare_audit_log(Path(cfg.api.audit_log), layout)
     _write_private(layout.config_file, config.dump(cfg), account)
     _write_private(layout.supervisord_conf, conf.render(cfg, layout), None)
+
+
+def prepare_audit_log(path: Path, layout: conf.Layout) -> None:
+    """Create the audit log (0640, the account's when dropping: the API appends to it). One that
+    exists in the log dir is given to the account (a run as root before left it root's); one
+    elsewhere is left as it is: the API says so if it cannot open it."""
+    account = layout.account
+    path.parent.mkdir(parents=True, exist_ok=True)
+    blocked = account and accounts.unreachable(str(path.parent), account)
+    if blocked:
+        raise ValueError(f"{blocked} is closed to user {account.name!r} (gorb.user), whose api "
+                         f"appends to the audit log {path}: allow it to enter (chmod o+x, or "
+                         "group) or set api.audit_log elsewhere")
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o640)
+    except FileExistsError:
+        if account is None or path.parent != Path(layout.log_dir) or path.is_symlink() \
+                or not path.is_file():
+            return
+        fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW)
+    try:
+        if account is not None:
+            os.fchown(fd, account.uid, account.gid)
+            os.fchmod(fd, 0o640)
+    finally:
+        os.close(fd)
 
 
 def _write_private(path: Path, text: str, account: accounts.Account | None) -> None:

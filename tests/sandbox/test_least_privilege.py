@@ -104,23 +104,26 @@ def test_the_installed_package_serves_traffic_through_a_vip(system):
     assert result["counts"] == {"b1": 10, "b2": 10}, result
 
 
+def expected_creds(uid: int, gid: int, workers: int = 2) -> dict[str, dict]:
+    """What ``creds`` of each program must be when gorb drops to the account ``uid``/``gid``."""
+    nothing = {"CapInh": 0, "CapPrm": 0, "CapEff": 0, "CapBnd": 0, "CapAmb": 0, "nnp": 1}
+    expect = {
+        "ipvs-writer": {"uid": {0}, "gid": {gid}, "CapInh": 0, "CapPrm": NET_ADMIN,
+                        "CapEff": NET_ADMIN, "CapBnd": NET_ADMIN, "CapAmb": 0, "nnp": 1},
+        "api": {"uid": {uid}, "gid": {gid}, **nothing},
+        "discovery": {"uid": {uid}, "gid": {gid}, **nothing},
+    }
+    for n in range(workers):
+        expect[f"pulse-worker_{n:02d}"] = {
+            "uid": {uid}, "gid": {gid}, "CapInh": SETUID_SETGID, "CapPrm": SETUID_SETGID,
+            "CapEff": SETUID_SETGID, "CapBnd": SETUID_SETGID, "CapAmb": SETUID_SETGID, "nnp": 1}
+    return expect
+
+
 def test_each_program_has_its_uid_and_capabilities_only(system):
     gorb, _, _, account = system
-    gorb_ids = {account.pw_uid}
-    expect = {
-        "ipvs-writer": {"uid": {0}, "gid": {account.pw_gid}, "CapInh": 0, "CapPrm": NET_ADMIN,
-                        "CapEff": NET_ADMIN, "CapBnd": NET_ADMIN, "CapAmb": 0, "nnp": 1},
-        "api": {"uid": gorb_ids, "gid": {account.pw_gid}, "CapInh": 0, "CapPrm": 0,
-                "CapEff": 0, "CapBnd": 0, "CapAmb": 0, "nnp": 1},
-        "discovery": {"uid": gorb_ids, "gid": {account.pw_gid}, "CapInh": 0, "CapPrm": 0,
-                      "CapEff": 0, "CapBnd": 0, "CapAmb": 0, "nnp": 1},
-    }
-    for worker in ("pulse-worker_00", "pulse-worker_01"):
-        expect[worker] = {"uid": gorb_ids, "gid": {account.pw_gid}, "CapInh": SETUID_SETGID,
-                          "CapPrm": SETUID_SETGID, "CapEff": SETUID_SETGID,
-                          "CapBnd": SETUID_SETGID, "CapAmb": SETUID_SETGID, "nnp": 1}
     seen = {name: creds(status_of(gorb.pid(name))) for name in PROGRAMS}
-    assert seen == expect
+    assert seen == expected_creds(account.pw_uid, account.pw_gid)
     # supervisord itself stays root (it must start the writer); nothing else does
     assert creds(status_of(gorb.proc.pid))["uid"] == {0}
 

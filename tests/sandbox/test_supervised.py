@@ -63,22 +63,31 @@ class Gorb:
 
     def __init__(self, ns: str, root: Path, listen: str = f"127.0.0.1:{API_PORT}",
                  device: str | None = None, extra_config: str = "",
-                 api_config: str = "") -> None:
+                 api_config: str = "", command: list[str] | None = None,
+                 run_dir: Path | None = None, log_dir: Path | None = None) -> None:
         """``extra_config``: more TOML (whole sections) after the [api] and [writer] ones;
-        ``api_config``: more [api] keys (lines; ``tokens = { ... }`` as an inline table)."""
+        ``api_config``: more [api] keys (lines; ``tokens = { ... }`` as an inline table).
+        ``command``: run this (in ``ns``) instead of the install's ``gorb run`` on a config of
+        ours; ``run_dir`` and ``log_dir`` say where it keeps its sockets and logs."""
         self.ns, self.root = ns, root
         self.api_address = (listen.rpartition(":")[0] or "127.0.0.1",
                             int(listen.rpartition(":")[2]))
-        self.run_dir = root / "run"
+        self.run_dir = run_dir or root / "run"
+        self.log_dir = log_dir or root / "log"
+        self.out = root / "gorb-run.out"
+        self._ns_fd = launcher_netns.open_ns(ns)
+        if command is not None:
+            with open(self.out, "wb") as out:
+                self.proc = subprocess.Popen(["ip", "netns", "exec", ns, *command], cwd="/",
+                                             stdout=out, stderr=subprocess.STDOUT)
+            return
         self.config = root / "gorb.toml"
         device_line = f'device = "{device}"\n' if device else ""
         self.config.write_text(
             f'[api]\nlisten = "{listen}"\n{api_config}'
             f'[writer]\nstate_file = "{root}/state/state.json"\nreconcile_interval = 1.0\n'
             f'{device_line}{extra_config}')
-        self.out = root / "gorb-run.out"
         open_to_all(root)  # dropped programs (user gorb) must reach the runtime dir under it
-        self._ns_fd = launcher_netns.open_ns(ns)
         with open(self.out, "wb") as out:
             self.proc = subprocess.Popen(
                 ["ip", "netns", "exec", ns, installed.gorb(), "run",
@@ -127,7 +136,7 @@ class Gorb:
         raise AssertionError(f"not {want}: {self.states()}\n{self.log()}")
 
     def log(self) -> str:
-        logs = [self.out, *sorted((self.root / "log").glob("*.log"))]
+        logs = [self.out, *sorted(self.log_dir.glob("*.log"))]
         return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}"
                          for p in logs if p.exists())
 

@@ -12,8 +12,8 @@ every address a test uses lives in namespaces inside it. The boot itself is
 ``services/launcher/uml.py`` (shared with ``gorb run``'s guest mode).
 
 Variables ``GORB_TEST_*`` of our environment (``GORB_TEST_VENV``: the install the tests run, see
-``tests/installed.py``) are set inside too, and a path one of them names is mounted (read-write,
-same path) when the guest's own tmpfs would hide it.
+``tests/installed.py``) are set inside too, and a path one of them names (a file's directory) is mounted
+(read-write, same path) when the guest's own tmpfs would hide it.
 
 Exit status: the command's, or 124 on timeout, or 125 when the guest died without one.
 """
@@ -44,8 +44,9 @@ def run(argv: list[str], timeout: float = 1800, mem: str = "1G", env: dict[str, 
         return 125
     work = Path(tempfile.mkdtemp(prefix="gorb-uml-", dir="/tmp"))
     forwarded = {k: v for k, v in os.environ.items() if k.startswith("GORB_TEST_")}
-    named = {os.path.abspath(v) for v in forwarded.values()
-             if os.path.isabs(v) and os.path.exists(v) and uml.shadowed(v)}
+    named = {(p if os.path.isdir(p) else os.path.dirname(p))  # a file: its directory
+             for p in map(os.path.abspath, forwarded.values())
+             if os.path.isabs(p) and os.path.exists(p) and uml.shadowed(p)}
     guest = uml.Guest(argv, work, env={**forwarded, **(env or {})}, mem=mem, cwd=str(REPO),
                       mounts=sorted({str(REPO), *uml.python_mounts(), *named, *mounts}))
     try:

@@ -364,6 +364,28 @@ def test_the_audit_file_is_reopened_after_logrotate_moved_it(h):
     assert len(rotated) == 2  # the fixture's lines, before the rotation
 
 
+def test_lines_go_on_into_the_moved_file_until_a_new_one_can_be_opened(h, monkeypatch):
+    # the API may not create files in a log dir of root's: between logrotate's move and its
+    # "create", opening the path fails; the line goes to the moved file, not lost
+    moved = h.audit_path.with_suffix(".log.1")
+    h.audit_path.rename(moved)
+    real_open = os.open
+
+    def refuse(path, *args, **kw):
+        if str(path) == str(h.audit_path):
+            raise PermissionError(13, "Permission denied")
+        return real_open(path, *args, **kw)
+
+    monkeypatch.setattr(os, "open", refuse)
+    assert h.call("DELETE", "/service/web/a", headers=AS["admin"]).status_int == 200
+    assert json.loads(moved.read_text().splitlines()[-1])["route"] == "/service/<vs>/<rs>"
+    monkeypatch.setattr(os, "open", real_open)
+    h.audit_path.write_text("")  # logrotate's create
+    assert h.call("DELETE", "/service/web", headers=AS["admin"]).status_int == 200
+    assert [l["route"] for l in audit_lines(h)] == ["/service/<vs>"]
+    assert len(moved.read_text().splitlines()) == 3  # the fixture's two and the one above
+
+
 def test_an_audit_write_error_is_logged_and_the_request_answered(h, caplog, tmp_path):
     h.audit_path.unlink()
     os.mkdir(h.audit_path)  # cannot be opened as a file

@@ -11,6 +11,7 @@ import stat
 from pathlib import Path
 from types import SimpleNamespace
 
+import msgspec
 import pytest
 
 from gorb.common import config, runtime
@@ -109,14 +110,19 @@ def test_rendered_commands_carry_the_drop(tmp_path):
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="chown needs root")
 
 
+def open_the_way(tmp_path: Path) -> None:
+    """pytest's base temp dirs are 0700: let another account reach ``tmp_path``."""
+    tmp_path.chmod(0o755)
+    for parent in tmp_path.parents:
+        if parent.stat().st_uid == 0 and str(parent).startswith("/tmp/"):
+            parent.chmod(parent.stat().st_mode | 0o011)
+
+
 @root_only
 def test_prepare_for_a_dropped_account(tmp_path):
     nobody = pwd.getpwnam("nobody")
     account = accounts.Account("nobody", nobody.pw_uid, nobody.pw_gid)
-    tmp_path.chmod(0o755)
-    for parent in tmp_path.parents:  # pytest's base temp dirs are 0700: open the way
-        if parent.stat().st_uid == 0 and str(parent).startswith("/tmp/"):
-            parent.chmod(parent.stat().st_mode | 0o011)
+    open_the_way(tmp_path)
     cfg = config.Config()
     cfg.writer.state_file = str(tmp_path / "st" / "state.json")
     lay = conf.Layout(runtime_dir=str(tmp_path / "run"), log_dir=str(tmp_path / "log"),
@@ -158,3 +164,63 @@ def test_run_as_root_without_the_account_warns_once(tmp_path, monkeypatch, capsy
     text = (tmp_path / "rt" / "supervisord.conf").read_text()
     assert [line for line in text.splitlines() if line.startswith("command=")
             and "setpriv" in line] == []
+
+
+@pytest.mark.parametrize("setting, want", [
+    (None, "{log}/audit.log"),              # unset: in the log dir
+    ("api.log.json", "{log}/api.log.json"),  # relative: in the log dir too
+    ("/srv/audit/x.log", "/srv/audit/x.log"),
+    ("", ""),                                # off
+])
+def test_the_audit_log_defaults_to_the_log_dir(tmp_path, monkeypatch, setting, want):
+    monkeypatch.delenv("GORB_API_AUDIT_LOG", raising=False)
+    toml = tmp_path / "gorb.toml"
+    toml.write_text("" if setting is None else f"[api]\naudit_log = {setting!r}\n")
+    cfg, lay = main.effective(main.build_parser().parse_args(
+        ["run", "--config", str(toml), "--log-dir", str(tmp_path / "log")]), euid=1000)
+    assert cfg.api.audit_log == want.format(log=tmp_path / "log")
+    # what the programs read back from gorb.toml
+    assert msgspec.toml.decode(config.dump(cfg), type=config.Config).api.audit_log == \
+        cfg.api.audit_log
+
+
+@root_only
+def test_prepare_gives_the_audit_log_to_the_account(tmp_path):
+    nobody = pwd.getpwnam("nobody")
+    account = accounts.Account("nobody", nobody.pw_uid, nobody.pw_gid)
+    open_the_way(tmp_path)
+    log = tmp_path / "log"
+    lay = conf.Layout(runtime_dir=str(tmp_path / "run"), log_dir=str(log), account=account)
+    elsewhere = tmp_path / "elsewhere.log"
+    elsewhere.write_text("")
+    for path, owner in ((log / "audit.log", nobody.pw_uid), (elsewhere, 0)):
+        main.prepare_audit_log(path, lay)
+        st = os.stat(path)
+        assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (owner, 0o640 if owner else 0o644)
+    # a root-owned one left in the log dir by a run without the account: repaired, kept
+    os.chown(log / "audit.log", 0, 0)
+    (log / "audit.log").write_text('{"kept": 1}\n')
+    main.prepare_audit_log(log / "audit.log", lay)
+    assert os.stat(log / "audit.log").st_uid == nobody.pw_uid
+    assert (log / "audit.log").read_text() == '{"kept": 1}\n'
+    # a symlink there is not followed
+    (log / "audit.log").unlink()
+    (log / "audit.log").symlink_to(elsewhere)
+    main.prepare_audit_log(log / "audit.log", lay)
+    assert os.stat(elsewhere).st_uid == 0
+    # without an account: created 0640, the caller's
+    plain = conf.Layout(runtime_dir=str(tmp_path / "run"), log_dir=str(log))
+    main.prepare_audit_log(log / "other.log", plain)
+    assert stat.S_IMODE(os.stat(log / "other.log").st_mode) == 0o640
+
+
+@root_only
+def test_prepare_refuses_an_audit_log_the_account_cannot_reach(tmp_path):
+    nobody = pwd.getpwnam("nobody")
+    open_the_way(tmp_path)
+    closed = tmp_path / "log"
+    closed.mkdir(mode=0o750)
+    lay = conf.Layout(runtime_dir=str(tmp_path / "run"), log_dir=str(closed),
+                      account=accounts.Account("nobody", nobody.pw_uid, nobody.pw_gid))
+    with pytest.raises(ValueError, match=f"{closed} is closed to user 'nobody'.*audit log"):
+        main.prepare_audit_log(closed / "audit.log", lay)
