@@ -90,6 +90,8 @@ class WriterSection(msgspec.Struct, forbid_unknown_fields=True):
     flush: bool = False                 # GORB -f: flush all IPVS services at start
     reconcile_interval: float = 10.0    # seconds between drift repairs
     max_batch: int = 1000               # most requests group-committed at once
+    kernel_timeout: float = 5.0         # seconds the kernel has to answer a netlink exchange;
+                                        # then the writer exits 70 (restarted, adopts the table)
 
 
 class PulseSection(msgspec.Struct, forbid_unknown_fields=True):
@@ -148,8 +150,12 @@ def _coerce(text: str, kind: type) -> Any:
 
 
 def load(path: str | None = None, env: Mapping[str, str] | None = None,
-         flags: Mapping[str, Any] | None = None) -> Config:
-    """The effective configuration; raises ConfigError naming the file or variable at fault."""
+         flags: Mapping[str, Any] | None = None,
+         overrides: Mapping[tuple[str, str], Any] | None = None) -> Config:
+    """The effective configuration; raises ConfigError naming the file or variable at fault.
+
+    ``overrides``: {(section, key): value} from a program's own flags (``--runtime-dir``...),
+    applied last and, like everything else, before the checks (None values are skipped)."""
     env = os.environ if env is None else env
     raw: dict[str, dict[str, Any]] = {}
     if path or Path(DEFAULT_PATH).exists():
@@ -182,6 +188,9 @@ def load(path: str | None = None, env: Mapping[str, str] | None = None,
             continue
         section_name, key = GORB_FLAGS[name]
         setattr(getattr(cfg, section_name), key, value)
+    for (section_name, key), value in (overrides or {}).items():
+        if value is not None:
+            setattr(getattr(cfg, section_name), key, value)
     _check(cfg)
     return cfg
 
@@ -193,8 +202,14 @@ def _check(cfg: Config) -> None:
     parse_listen(cfg.api.listen)
     if cfg.pulse.workers < 1:
         raise ConfigError("pulse.workers must be at least 1")
-    if cfg.writer.reconcile_interval <= 0:
+    if not cfg.writer.reconcile_interval > 0:
         raise ConfigError("writer.reconcile_interval must be positive")
+    if not cfg.writer.kernel_timeout > 0:
+        raise ConfigError("writer.kernel_timeout must be positive")
+    if cfg.writer.max_batch < 1:
+        raise ConfigError("writer.max_batch must be at least 1")
+    if not cfg.api.writer_timeout > 0:
+        raise ConfigError("api.writer_timeout must be positive")
     if cfg.api.idle_timeout <= 0:
         raise ConfigError("api.idle_timeout must be positive")
     if cfg.api.max_connections < 1:
@@ -215,5 +230,10 @@ def dump(cfg: Config) -> str:
     return msgspec.toml.encode(cfg).decode()
 
 
-def from_args(args: argparse.Namespace) -> Config:
-    return load(args.config, flags={k: getattr(args, k, None) for k in GORB_FLAGS})
+def from_args(args: argparse.Namespace, overrides: Mapping[str, str] | None = None) -> Config:
+    """The configuration of a program's parsed ``args``: ``--config``, GORB's flags, and
+    ``overrides`` {flag's dest: section} (``{"state_file": "writer"}``: ``--state-file`` sets
+    writer.state_file), all checked together."""
+    return load(args.config, flags={k: getattr(args, k, None) for k in GORB_FLAGS},
+                overrides={(section, name): getattr(args, name, None)
+                           for name, section in (overrides or {}).items()})

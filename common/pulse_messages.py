@@ -56,3 +56,17 @@ class HealthResults(msgspec.Struct, forbid_unknown_fields=True):
     worker: int
     results: list[Outcome]
     full: bool = False
+
+
+class TargetsChanged(msgspec.Struct):
+    """``pulse.targets.changed`` (writer -> pulse workers, on the events socket): the shards of
+    ``workers`` whose targets changed, so only their workers re-pull. ``workers`` 0 means every
+    shard (the writer has not been told yet how the checks are split)."""
+
+    workers: int = 0
+    shards: list[int] = []
+
+
+def concerns(msg: TargetsChanged, index: int, workers: int) -> bool:
+    """Whether worker ``index`` of ``workers`` must re-pull its targets."""
+    return msg.workers != workers or index in msg.shards

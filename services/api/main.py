@@ -55,13 +55,8 @@ def parse_args(argv: list[str] | None) -> tuple[config.Config, str]:
     p.add_argument("--log-level", choices=["debug", "info", "warning"])
     args = p.parse_args(argv)
     try:
-        cfg = config.from_args(args)
-        for name, section in (("runtime_dir", cfg.gorb), ("log_level", cfg.gorb),
-                              ("writer_timeout", cfg.api)):
-            if getattr(args, name) is not None:
-                setattr(section, name, getattr(args, name))
-        if not cfg.api.writer_timeout > 0:
-            raise config.ConfigError("api.writer_timeout must be positive")
+        cfg = config.from_args(args, overrides={"runtime_dir": "gorb", "log_level": "gorb",
+                                                "writer_timeout": "api"})
         endpoint = runtime.endpoint(cfg.gorb.runtime_dir, runtime.WRITER)
     except (config.ConfigError, ValueError) as exc:
         p.exit(2, f"gorb-api: {exc}\n")

@@ -40,7 +40,7 @@ from gorb.common.validation import (
     validate_weight,
 )
 from gorb.services.ipvs_writer.state import BackendRecord, ServiceRecord, Services, endpoints
-from gorb.common.pulse_messages import HealthResults, Outcome
+from gorb.common.pulse_messages import HealthResults, Outcome, TargetsChanged
 from gorb.common.shard import owner
 from gorb.services.ipvs_writer.table import KService, Op, SKey, kdest, kservice, plan
 from gorb.services.ipvs_writer.targets import (
@@ -383,7 +383,9 @@ class Engine:
         self.foreign = 0  # kernel services gorb does not own, as of the last converge
         self.observed: dict[Member, Outcome] = {}  # the last check of each backend (memory only)
         self._targets: dict[str, TargetGroup] | None = None  # cache; None = to be rebuilt
-        self.targets_changed = False  # set when a mutation may have changed the check targets
+        self.targets_changed = False  # set when a mutation changed check targets: see
+        self.changed_shards: set[int] | None = set()  # their shards of pulse_workers; None: all
+        self.pulse_workers = 0  # how the workers split the checks (their last pulse.targets)
 
     # start and reconcile ------------------------------------------------------------------------
 
@@ -475,9 +477,20 @@ class Engine:
 
     def _commit(self, services: Services, touched: set[str]) -> None:
         before, self.services = self.services, services
-        if self._targets is not None:  # only the touched services' targets can have moved
-            update_targets(self._targets, before, services, touched)
-        self.targets_changed = True
+        self._update_targets(before, services, touched)
+        self._forget_observed(before, services, touched)
+
+    def _update_targets(self, before: Services, services: Services, touched: set[str]) -> None:
+        if self._targets is None:
+            self._note_targets_changed(None)  # not built yet: tell every worker
+            return
+        # only the touched services' targets can have moved
+        changed = update_targets(self._targets, before, services, touched)
+        if changed:
+            self._note_targets_changed({owner(k, self.pulse_workers) for k in changed}
+                                       if self.pulse_workers else None)
+
+    def _forget_observed(self, before: Services, services: Services, touched: set[str]) -> None:
         for vsid in touched:  # a re-created backend must not show a stale check
             was, now = before.get(vsid), services.get(vsid)
             if was is None or (now is not None and now.backends is was.backends):
@@ -485,6 +498,20 @@ class Engine:
             for rsid in was.backends:
                 if now is None or rsid not in now.backends:
                     self.observed.pop((vsid, rsid), None)
+
+    def _note_targets_changed(self, shards: set[int] | None) -> None:
+        self.targets_changed = True
+        if self.changed_shards is not None:
+            self.changed_shards = None if shards is None else self.changed_shards | shards
+
+    def take_targets_changed(self) -> TargetsChanged | None:
+        """The notice for the pulse workers of what changed since the last one, or None."""
+        if not self.targets_changed:
+            return None
+        shards, self.targets_changed, self.changed_shards = self.changed_shards, False, set()
+        if shards is None:
+            return TargetsChanged()
+        return TargetsChanged(self.pulse_workers, sorted(shards))
 
     # health -------------------------------------------------------------------------------------
 
@@ -611,6 +638,7 @@ class Engine:
             if type_ == "pulse.targets":
                 if not 0 <= req.worker < req.workers:
                     raise errors.invalid("worker must be in [0, workers)")
+                self.pulse_workers = req.workers
                 return messages.ok({"targets": self.pulse_targets(req.worker, req.workers)})
             if type_ == "state.dump":
                 live = self.kernel.dump() if req.stats else {}

@@ -4,7 +4,9 @@ Requests queued on the ROUTER socket are drained together (up to ``max_batch``) 
 arriving back to back are group-committed: one state-file write and one netlink batch for all of
 them. Reads are answered in arrival order, after the mutations that came before them. Health
 results pushed by the pulse workers (PULL socket) are drained and applied the same way; after a
-mutation the workers are told to re-pull their targets (``pulse.targets.changed``).
+mutation that changed check targets, the workers of the shards concerned are told to re-pull
+theirs (``pulse.targets.changed``, ``gorb.common.pulse_messages.TargetsChanged``): a weight
+change or a health verdict tells none.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import logging
 import time
 
+import msgspec
 import zmq
 
 from gorb.common import messages, runtime
@@ -55,9 +58,10 @@ class WriterLoop:
                 for topic, type_, body in self.engine.handle_health([e.body for e in results
                                                                      if e.type == "health.results"]):
                     self.publisher.publish(topic, type_, body)
-            if self.engine.targets_changed:
-                self.engine.targets_changed = False
-                self.publisher.publish("pulse.targets.changed", "pulse.targets.changed", {})
+            notice = self.engine.take_targets_changed()
+            if notice is not None:
+                self.publisher.publish("pulse.targets.changed", "pulse.targets.changed",
+                                       msgspec.to_builtins(notice))
             if time.monotonic() >= next_reconcile:
                 self.reconcile()
                 next_reconcile = time.monotonic() + self.reconcile_interval

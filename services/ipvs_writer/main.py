@@ -2,7 +2,9 @@
 
 Exit codes: 0 on SIGTERM/SIGINT (kernel state is left in place: traffic keeps flowing),
 2 for a configuration or state-file problem (the message says what to do), 3 when the kernel has
-no IPVS, 70 for an unexpected internal error (supervisord restarts the writer).
+no IPVS or the netlink receive buffer is too small (the message names the sysctl), 70 when the
+kernel stalled (no answer within writer.kernel_timeout, lost or unreadable answers) or for an
+unexpected internal error (supervisord restarts the writer, which adopts the kernel's table).
 """
 
 from __future__ import annotations
@@ -21,9 +23,18 @@ from gorb.common import config, logs, runtime
 from gorb.services.ipvs_writer import state
 from gorb.services.ipvs_writer.engine import Engine
 from gorb.services.ipvs_writer.loop import WriterLoop
-from gorb.services.ipvs_writer.netlink import IpvsUnavailable, Kernel, device_addresses
+from gorb.services.ipvs_writer.codec import CodecError
+from gorb.services.ipvs_writer.netlink import (
+    IpvsUnavailable,
+    Kernel,
+    KernelStalled,
+    device_addresses,
+)
 
 log = logging.getLogger("ipvs-writer")
+# this program's flags that set one key: {flag's dest: section}
+OVERRIDES = {"runtime_dir": "gorb", "log_level": "gorb", "state_file": "writer",
+             "reconcile_interval": "writer", "max_batch": "writer", "kernel_timeout": "writer"}
 
 
 def parse_args(argv: list[str] | None) -> tuple[config.Config, bool]:
@@ -37,36 +48,29 @@ def parse_args(argv: list[str] | None) -> tuple[config.Config, bool]:
     p.add_argument("--state-file", help="where the desired state is kept (writer.state_file)")
     p.add_argument("--reconcile-interval", type=float, help="seconds between drift repairs")
     p.add_argument("--max-batch", type=int, help="most requests group-committed at once")
+    p.add_argument("--kernel-timeout", type=float,
+                   help="seconds the kernel has to answer (writer.kernel_timeout)")
     p.add_argument("--log-level", choices=["debug", "info", "warning"])
     args = p.parse_args(argv)
     try:
-        cfg = config.from_args(args)
+        cfg = config.from_args(args, overrides=OVERRIDES)
     except config.ConfigError as exc:
         p.exit(2, f"gorb-ipvs-writer: {exc}\n")
-    for name, section in (("runtime_dir", cfg.gorb), ("log_level", cfg.gorb),
-                          ("state_file", cfg.writer), ("reconcile_interval", cfg.writer),
-                          ("max_batch", cfg.writer)):
-        if getattr(args, name) is not None:
-            setattr(section, name, getattr(args, name))
     return cfg, args.restore_previous
 
 
-def main(argv: list[str] | None = None, kernel_factory: Callable[[], Any] = Kernel) -> int:
-    """``kernel_factory`` builds the IPVS adapter (benchmarks on a host without IPVS pass
-    ``tests.service.fake_kernel.FakeKernel``)."""
-    cfg, restore_previous = parse_args(argv)
-    logs.setup(cfg.gorb.log_level)
+def kernel_of(cfg: config.Config) -> Kernel:
+    return Kernel(timeout=cfg.writer.kernel_timeout)
+
+
+def start_engine(cfg: config.Config, restore_previous: bool,
+                 kernel_factory: Callable[[config.Config], Any]) -> tuple[Engine, Any]:
+    """The engine over the loaded state and the kernel, converged; raises what ``main`` maps
+    to exit codes."""
     path = Path(cfg.writer.state_file)
-    try:
-        services = state.load(path, restore_previous=restore_previous)
-        runtime.ensure_runtime_dir(cfg.gorb.runtime_dir)
-        kernel = kernel_factory()
-    except (state.StateFileError, ValueError, runtime.RuntimeDirError) as exc:
-        log.error("%s", exc)
-        return 2
-    except IpvsUnavailable as exc:
-        log.error("%s", exc)
-        return 3
+    services = state.load(path, restore_previous=restore_previous)
+    runtime.ensure_runtime_dir(cfg.gorb.runtime_dir)
+    kernel = kernel_factory(cfg)
 
     def default_address() -> str:
         found = device_addresses(cfg.writer.device)
@@ -80,9 +84,37 @@ def main(argv: list[str] | None = None, kernel_factory: Callable[[], Any] = Kern
         # After --restore-previous these may be what the lost last write had created.
         log.warning("the kernel has %d IPVS service(s) gorb does not own: left untouched "
                     "(remove with ipvsadm -D, or start with --flush)", engine.foreign)
-    loop = WriterLoop(engine, zmq.Context.instance(), cfg.gorb.runtime_dir,
-                      cfg.writer.reconcile_interval, cfg.writer.max_batch)
+    return engine, kernel
 
+
+def main(argv: list[str] | None = None,
+         kernel_factory: Callable[[config.Config], Any] = kernel_of) -> int:
+    """``kernel_factory(cfg)`` builds the IPVS adapter (benchmarks on a host without IPVS pass
+    one of ``tests.service.fake_kernel.FakeKernel``)."""
+    cfg, restore_previous = parse_args(argv)
+    logs.setup(cfg.gorb.log_level)
+    try:
+        try:
+            engine, kernel = start_engine(cfg, restore_previous, kernel_factory)
+            loop = WriterLoop(engine, zmq.Context.instance(), cfg.gorb.runtime_dir,
+                              cfg.writer.reconcile_interval, cfg.writer.max_batch)
+        except CodecError:
+            raise
+        except (state.StateFileError, ValueError, runtime.RuntimeDirError) as exc:
+            log.error("%s", exc)
+            return 2
+        except IpvsUnavailable as exc:  # RcvbufTooSmall too: its message names the sysctl
+            log.error("%s", exc)
+            return 3
+        return run(loop, kernel)
+    except (KernelStalled, CodecError) as exc:
+        log.error("%s: exiting for supervisord to restart the writer, which adopts the "
+                  "kernel's table", exc)
+        return 70
+
+
+def run(loop: WriterLoop, kernel: Any) -> int:
+    """The loop until SIGTERM (0) or an internal error (70); KernelStalled propagates."""
     def stop(signum, _frame):
         log.info("signal %d: stopping, IPVS entries stay in place", signum)
         loop.running = False
@@ -91,6 +123,8 @@ def main(argv: list[str] | None = None, kernel_factory: Callable[[], Any] = Kern
     signal.signal(signal.SIGINT, stop)
     try:
         loop.run()
+    except (KernelStalled, CodecError):
+        raise
     except Exception:
         log.exception("internal error: exiting for supervisord to restart the writer")
         return 70

@@ -69,10 +69,12 @@ def _same_check(a: BackendRecord | None, b: BackendRecord | None) -> bool:
 
 
 def update_targets(groups: dict[str, TargetGroup], old: Services, new: Services,
-                   vsids: Iterable[str]) -> None:
+                   vsids: Iterable[str]) -> set[str]:
     """Bring ``groups`` (built from ``old``) up to ``new``, looking only at the services in
     ``vsids`` and, within a service whose pulse defaults did not change, only at the backends
-    whose check changed: a weight change costs a comparison per backend of its service."""
+    whose check changed: a weight change costs a comparison per backend of its service.
+    Returns the keys of the targets that appeared, went, or changed members."""
+    changed: set[str] = set()
     for vsid in vsids:
         was, now = old.get(vsid), new.get(vsid)
         before = was.backends if was is not None else {}
@@ -86,6 +88,7 @@ def update_targets(groups: dict[str, TargetGroup], old: Services, new: Services,
             group = groups.get(t.key) if t is not None else None
             if group is not None and (vsid, rsid) in group.members:
                 group.members.remove((vsid, rsid))
+                changed.add(t.key)
                 if not group.members:
                     del groups[t.key]
         for rsid, backend in after.items():
@@ -98,3 +101,5 @@ def update_targets(groups: dict[str, TargetGroup], old: Services, new: Services,
             if group is None:
                 group = groups[t.key] = TargetGroup(t)
             group.members.append((vsid, rsid))
+            changed.add(t.key)
+    return changed

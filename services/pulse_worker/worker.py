@@ -100,7 +100,13 @@ class Worker:
     def events_loop(self) -> None:
         while True:
             got = self.subscriber.recv(timeout=None)
-            if got is not None:
+            if got is None:
+                continue
+            try:
+                notice = msgspec.convert(got[1].body, pm.TargetsChanged)
+            except msgspec.ValidationError:
+                notice = pm.TargetsChanged()  # an older writer's empty hint: re-pull
+            if pm.concerns(notice, self.index, self.workers):
                 self._resync.set()
 
     # checks -------------------------------------------------------------------------------------

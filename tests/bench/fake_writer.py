@@ -11,4 +11,4 @@ from tests.service.fake_kernel import FakeKernel
 
 
 if __name__ == "__main__":
-    sys.exit(main(kernel_factory=FakeKernel))
+    sys.exit(main(kernel_factory=lambda cfg: FakeKernel()))

@@ -875,3 +875,30 @@ def test_a_replayed_batch_that_cannot_be_saved_keeps_its_answers_and_saves_later
     assert one(engine, svc_create("api", "10.0.0.2"))[0] == OK
     saved = persist.calls[-1]
     assert saved["web"].backends["a"].options.weight == 5 and set(saved) == {"web", "api"}
+
+
+def test_only_the_shards_whose_targets_changed_are_told_to_re_pull():
+    from gorb.common.pulse_messages import TargetsChanged, concerns
+    from gorb.common.shard import owner
+
+    engine, _, _ = make_engine(svc_create(), be_create(rs="a", host="10.1.0.1"))
+    # no worker has pulled yet: every one is told
+    assert engine.take_targets_changed() == TargetsChanged()
+    assert engine.take_targets_changed() is None  # taken
+    assert engine.read("pulse.targets", {"worker": 0, "workers": 4})["ok"]
+    one(engine, be_update(rs="a", weight=7))  # a weight moves no target
+    assert engine.take_targets_changed() is None
+    one(engine, be_create(rs="b", host="10.1.0.2"))
+    (key,) = [k for k in engine.targets() if "10.1.0.2" in k]
+    notice = engine.take_targets_changed()
+    assert notice == TargetsChanged(4, [owner(key, 4)])
+    told = [w for w in range(4) if concerns(notice, w, 4)]
+    assert told == [owner(key, 4)]
+    assert all(concerns(notice, w, 3) for w in range(3))  # split another way: all re-pull
+    # a pulse change moves the target: the shards of the old and the new key
+    old = set(engine.targets())
+    one(engine, svc_update(pulse={"type": "tcp", "interval": "7s"}))
+    notice = engine.take_targets_changed()
+    new = set(engine.targets())
+    assert not old & new
+    assert set(notice.shards) == {owner(k, 4) for k in new | old}
