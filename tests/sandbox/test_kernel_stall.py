@@ -70,5 +70,5 @@ def test_a_stalled_kernel_exchange_exits_70_and_the_restart_adopts_the_table(wri
     after = ipvsadm(w.ns)
     assert after[f"TCP {VIP}:80"] == before[f"TCP {VIP}:80"]  # adopted as it was
     assert f"TCP {VIP}:{POISON_PORT}" in after  # saved before sending: applied now
-    listed = w.must("service.list", {})["data"]
+    listed = w.must("service.list", {})["data"]["services"]
     assert sorted(listed) == ["poison", "web"]
