@@ -92,6 +92,8 @@ class WriterSection(msgspec.Struct, forbid_unknown_fields=True):
     max_batch: int = 1000               # most requests group-committed at once
     kernel_timeout: float = 5.0         # seconds the kernel has to answer a netlink exchange;
                                         # then the writer exits 70 (restarted, adopts the table)
+    stats_interval: float = 1.0         # seconds between the statistics snapshots read by GET
+                                        # and /metrics (dumped off the write path, while read)
 
 
 class PulseSection(msgspec.Struct, forbid_unknown_fields=True):
@@ -204,6 +206,8 @@ def _check(cfg: Config) -> None:
         raise ConfigError("pulse.workers must be at least 1")
     if not cfg.writer.reconcile_interval > 0:
         raise ConfigError("writer.reconcile_interval must be positive")
+    if not cfg.writer.stats_interval > 0:
+        raise ConfigError("writer.stats_interval must be positive")
     if not cfg.writer.kernel_timeout > 0:
         raise ConfigError("writer.kernel_timeout must be positive")
     if cfg.writer.max_batch < 1:

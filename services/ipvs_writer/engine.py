@@ -39,6 +39,7 @@ from gorb.common.validation import (
     validate_service,
     validate_weight,
 )
+from gorb.services.ipvs_writer.reader import Snapshots
 from gorb.services.ipvs_writer.state import BackendRecord, ServiceRecord, Services, endpoints
 from gorb.common.pulse_messages import HealthResults, Outcome, TargetsChanged
 from gorb.common.shard import owner
@@ -374,8 +375,13 @@ class Engine:
     def __init__(self, services: Services, kernel: KernelPort,
                  persist: Callable[[Services], None],
                  default_address: Callable[[], str] = lambda: "",
-                 clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.time, snapshots: Snapshots | None = None):
+        """``snapshots``: where reads take the kernel's statistics (``reader.py``); None: the
+        kernel is asked at each read (tests over a fake kernel)."""
         self.services = services
+        self.snapshots = snapshots
+        self.committed_at: dict[str, float] = {}  # snapshots.clock() of each service's last
+                                                  # change in the kernel
         self.kernel = kernel
         self.persist = persist
         self.default_address = default_address
@@ -477,8 +483,19 @@ class Engine:
 
     def _commit(self, services: Services, touched: set[str]) -> None:
         before, self.services = self.services, services
+        self._changed_in_kernel(touched)
         self._update_targets(before, services, touched)
         self._forget_observed(before, services, touched)
+
+    def _changed_in_kernel(self, touched: Iterable[str]) -> None:
+        if self.snapshots is None:
+            return
+        now = self.snapshots.clock()
+        for vsid in touched:
+            if vsid in self.services:
+                self.committed_at[vsid] = now
+            else:
+                self.committed_at.pop(vsid, None)
 
     def _update_targets(self, before: Services, services: Services, touched: set[str]) -> None:
         if self._targets is None:
@@ -576,6 +593,7 @@ class Engine:
             if r is not None:
                 log.error("applying health weights: %s (the next reconcile retries)", r)
         self.services = draft.services  # the targets are unchanged: only health moved
+        self._changed_in_kernel(touched)
         return events
 
     def _seed(self, service: ServiceRecord, backend: BackendRecord) -> Health:
@@ -630,6 +648,22 @@ class Engine:
 
     # reads --------------------------------------------------------------------------------------
 
+    def _live_table(self) -> dict[SKey, KService]:
+        """The kernel's table with statistics: the reader's snapshot when it has a fresh one
+        (``reader.py``), else a dump here (the first read after a quiet spell)."""
+        table = self.snapshots.usable() if self.snapshots is not None else None
+        return self.kernel.dump() if table is None else table
+
+    def _live_service(self, vsid: str, record: ServiceRecord) -> KService | None:
+        """One service's kernel entry: from a snapshot taken after its last commit (else the
+        snapshot may not show the change yet, and the kernel is asked)."""
+        key = kservice(record.options, record.address)
+        if self.snapshots is not None:
+            table = self.snapshots.usable(since=self.committed_at.get(vsid, float("-inf")))
+            if table is not None:
+                return table.get(key.key)
+        return self.kernel.service(key)
+
     def read(self, type_: str, body: dict) -> dict:
         try:
             req = messages.decode_request(type_, body)
@@ -641,7 +675,7 @@ class Engine:
                 self.pulse_workers = req.workers
                 return messages.ok({"targets": self.pulse_targets(req.worker, req.workers)})
             if type_ == "state.dump":
-                live = self.kernel.dump() if req.stats else {}
+                live = self._live_table() if req.stats else {}
                 return messages.ok({"services": {
                     v: service_view(v, r, live.get(kservice(r.options, r.address).key),
                                     self.observed)
@@ -649,7 +683,7 @@ class Engine:
             record = self.services.get(req.service)
             if record is None:
                 raise GorbError(errors.NOT_FOUND)
-            live = self.kernel.service(kservice(record.options, record.address))
+            live = self._live_service(req.service, record)
             if type_ == "service.get":
                 return messages.ok(service_view(req.service, record, live, self.observed))
             backend = record.backends.get(req.backend)

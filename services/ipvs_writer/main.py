@@ -23,6 +23,7 @@ from gorb.common import config, logs, runtime
 from gorb.services.ipvs_writer import state
 from gorb.services.ipvs_writer.engine import Engine
 from gorb.services.ipvs_writer.loop import WriterLoop
+from gorb.services.ipvs_writer.reader import Snapshots
 from gorb.services.ipvs_writer.codec import CodecError
 from gorb.services.ipvs_writer.netlink import (
     IpvsUnavailable,
@@ -34,7 +35,8 @@ from gorb.services.ipvs_writer.netlink import (
 log = logging.getLogger("ipvs-writer")
 # this program's flags that set one key: {flag's dest: section}
 OVERRIDES = {"runtime_dir": "gorb", "log_level": "gorb", "state_file": "writer",
-             "reconcile_interval": "writer", "max_batch": "writer", "kernel_timeout": "writer"}
+             "reconcile_interval": "writer", "max_batch": "writer", "kernel_timeout": "writer",
+             "stats_interval": "writer"}
 
 
 def parse_args(argv: list[str] | None) -> tuple[config.Config, bool]:
@@ -50,6 +52,8 @@ def parse_args(argv: list[str] | None) -> tuple[config.Config, bool]:
     p.add_argument("--max-batch", type=int, help="most requests group-committed at once")
     p.add_argument("--kernel-timeout", type=float,
                    help="seconds the kernel has to answer (writer.kernel_timeout)")
+    p.add_argument("--stats-interval", type=float,
+                   help="seconds between statistics snapshots (writer.stats_interval)")
     p.add_argument("--log-level", choices=["debug", "info", "warning"])
     args = p.parse_args(argv)
     try:
@@ -64,19 +68,25 @@ def kernel_of(cfg: config.Config) -> Kernel:
 
 
 def start_engine(cfg: config.Config, restore_previous: bool,
-                 kernel_factory: Callable[[config.Config], Any]) -> tuple[Engine, Any]:
-    """The engine over the loaded state and the kernel, converged; raises what ``main`` maps
-    to exit codes."""
+                 kernel_factory: Callable[[config.Config], Any],
+                 reader_kernel: Callable[[config.Config, Any], Any] | None = None,
+                 ) -> tuple[Engine, Any]:
+    """The engine over the loaded state and the kernel, converged, with its statistics reader
+    (``reader_kernel(cfg, kernel)`` makes the reader's adapter: by default a second one like
+    ``kernel_factory``'s); raises what ``main`` maps to exit codes."""
     path = Path(cfg.writer.state_file)
     services = state.load(path, restore_previous=restore_previous)
     runtime.ensure_runtime_dir(cfg.gorb.runtime_dir)
     kernel = kernel_factory(cfg)
+    reader_kernel = reader_kernel or (lambda c, _k: kernel_factory(c))
+    snapshots = Snapshots(lambda: reader_kernel(cfg, kernel), cfg.writer.stats_interval)
 
     def default_address() -> str:
         found = device_addresses(cfg.writer.device)
         return found[0] if found else ""
 
-    engine = Engine(services, kernel, lambda s: state.save(path, s), default_address)
+    engine = Engine(services, kernel, lambda s: state.save(path, s), default_address,
+                    snapshots=snapshots)
     ops, failures = engine.start(flush=cfg.writer.flush)
     log.info("started with %d service(s) from %s; converged with %d op(s), %d failed",
              len(services), path, ops, len(failures))
@@ -84,18 +94,20 @@ def start_engine(cfg: config.Config, restore_previous: bool,
         # After --restore-previous these may be what the lost last write had created.
         log.warning("the kernel has %d IPVS service(s) gorb does not own: left untouched "
                     "(remove with ipvsadm -D, or start with --flush)", engine.foreign)
+    snapshots.start()
     return engine, kernel
 
 
 def main(argv: list[str] | None = None,
-         kernel_factory: Callable[[config.Config], Any] = kernel_of) -> int:
+         kernel_factory: Callable[[config.Config], Any] = kernel_of,
+         reader_kernel: Callable[[config.Config, Any], Any] | None = None) -> int:
     """``kernel_factory(cfg)`` builds the IPVS adapter (benchmarks on a host without IPVS pass
-    one of ``tests.service.fake_kernel.FakeKernel``)."""
+    one of ``tests.service.fake_kernel.FakeKernel``, and ``reader_kernel`` returning it)."""
     cfg, restore_previous = parse_args(argv)
     logs.setup(cfg.gorb.log_level)
     try:
         try:
-            engine, kernel = start_engine(cfg, restore_previous, kernel_factory)
+            engine, kernel = start_engine(cfg, restore_previous, kernel_factory, reader_kernel)
             loop = WriterLoop(engine, zmq.Context.instance(), cfg.gorb.runtime_dir,
                               cfg.writer.reconcile_interval, cfg.writer.max_batch)
         except CodecError:
@@ -130,6 +142,8 @@ def run(loop: WriterLoop, kernel: Any) -> int:
         return 70
     finally:
         loop.close()
+        if loop.engine.snapshots is not None:
+            loop.engine.snapshots.close()
         kernel.close()
     return 0
 

@@ -11,4 +11,5 @@ from tests.service.fake_kernel import FakeKernel
 
 
 if __name__ == "__main__":
-    sys.exit(main(kernel_factory=lambda cfg: FakeKernel()))
+    kernel = FakeKernel()
+    sys.exit(main(kernel_factory=lambda cfg: kernel, reader_kernel=lambda cfg, k: k))
