@@ -70,6 +70,12 @@ class StateDump(msgspec.Struct, forbid_unknown_fields=True):
     stats: bool = False
 
 
+class WriterLatency(msgspec.Struct, forbid_unknown_fields=True):
+    """``writer.latency``: the writer's own receive-to-reply seconds of its recent mutations
+    (benchmarks, diagnostics); ``clear`` empties the record after answering."""
+    clear: bool = False
+
+
 class BackendCreate(msgspec.Struct, forbid_unknown_fields=True):
     service: str
     backend: str
@@ -100,6 +106,7 @@ REQUESTS: dict[str, type] = {
     "backend.get": BackendRef,
     "state.dump": StateDump,
     "pulse.targets": TargetsRequest,
+    "writer.latency": WriterLatency,
 }
 # Requests that change the desired state (and so are batched, persisted and applied).
 MUTATIONS = frozenset({"service.create", "service.update", "service.delete",

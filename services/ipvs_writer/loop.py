@@ -13,17 +13,20 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 
 import msgspec
 import zmq
 
 from gorb.common import messages, runtime
 from gorb.common.envelope import Envelope
+from gorb.common.errors import GorbError
 from gorb.common.transport import Publisher, Puller, RouterServer
 from gorb.services.ipvs_writer.engine import Engine
 
 log = logging.getLogger(__name__)
 SRC = "ipvs-writer"
+LATENCY_KEPT = 100_000
 
 
 class WriterLoop:
@@ -36,6 +39,8 @@ class WriterLoop:
         self.reconcile_interval = reconcile_interval
         self.max_batch = max_batch
         self.running = True
+        # receive-to-reply seconds of the last mutations (``writer.latency``)
+        self.latency: deque[float] = deque(maxlen=LATENCY_KEPT)
 
     def close(self) -> None:
         self.router.close()
@@ -52,7 +57,8 @@ class WriterLoop:
             wait = min(0.5, max(0.0, next_reconcile - time.monotonic()))
             ready = dict(poller.poll(timeout=wait * 1000))
             if self.router.socket in ready:
-                self.serve(self.router.recv_many(self.max_batch))
+                received = time.perf_counter()
+                self.serve(self.router.recv_many(self.max_batch), received)
             if self.health.socket in ready:
                 results = self.health.recv_many(self.max_batch)
                 for topic, type_, body in self.engine.handle_health([e.body for e in results
@@ -73,18 +79,32 @@ class WriterLoop:
             self.publisher.publish("writer.reconciled", "writer.reconciled",
                                    {"repaired": repaired, "errors": failures})
 
-    def serve(self, batch: list[tuple[bytes, Envelope]]) -> None:
+    def serve(self, batch: list[tuple[bytes, Envelope]], received: float | None = None) -> None:
+        """Answer ``batch`` (received at ``received``, perf_counter seconds)."""
+        received = time.perf_counter() if received is None else received
         run: list[tuple[bytes, Envelope]] = []
         for identity, env in batch:
             if env.type in messages.MUTATIONS:
                 run.append((identity, env))
                 continue
-            self._mutate(run)
+            self._mutate(run, received)
             run = []
-            self.router.reply(identity, env, self.engine.read(env.type, env.body), SRC)
-        self._mutate(run)
+            self.router.reply(identity, env, self._read(env), SRC)
+        self._mutate(run, received)
 
-    def _mutate(self, run: list[tuple[bytes, Envelope]]) -> None:
+    def _read(self, env: Envelope) -> dict:
+        if env.type != "writer.latency":
+            return self.engine.read(env.type, env.body)
+        try:
+            req = messages.decode_request(env.type, env.body)
+        except GorbError as err:
+            return messages.fail(err)
+        reply = messages.ok({"seconds": list(self.latency)})
+        if req.clear:
+            self.latency.clear()
+        return reply
+
+    def _mutate(self, run: list[tuple[bytes, Envelope]], received: float) -> None:
         if not run:
             return
         answers = self.engine.handle_batch([(env.type, env.body) for _, env in run])
@@ -92,3 +112,4 @@ class WriterLoop:
             self.router.reply(identity, env, reply, SRC)
             for topic, type_, body in events:
                 self.publisher.publish(topic, type_, body)
+        self.latency.extend([time.perf_counter() - received] * len(run))

@@ -116,6 +116,7 @@ def test_every_request_type_over_the_bus(writer, client):
         ("backend.get", {"service": "web", "backend": "a"}, None),
         ("state.dump", {}, None),
         ("pulse.targets", {"worker": 0, "workers": 1}, None),
+        ("writer.latency", {}, None),
         ("backend.delete", {"service": "web", "backend": "a"}, OK),
         ("backend.get", {"service": "web", "backend": "a"}, NOT_FOUND),
         ("service.delete", {"service": "web"}, OK),
@@ -331,3 +332,15 @@ def test_a_restarted_writer_serves_the_persisted_state(rundir, tmp_path, ctx):
             assert reply["ok"] and reply["data"]["kernel"]["weight"] == 100
     finally:
         w2.stop()
+
+
+def test_the_writer_reports_its_own_commit_latency(writer, client):
+    assert client.request("writer.latency", {"clear": True})["ok"]
+    assert client.request("service.create", svc()) == OK
+    assert client.request("backend.create", be()) == OK
+    seconds = client.request("writer.latency", {})["data"]["seconds"]
+    assert len(seconds) == 2 and all(0 < s < 5 for s in seconds)
+    assert client.request("writer.latency", {"clear": True})["data"]["seconds"] == seconds
+    assert client.request("writer.latency", {})["data"]["seconds"] == []
+    bad = client.request("writer.latency", {"clear": 1})
+    assert bad["ok"] is False and bad["errno"] == "invalid"
