@@ -128,9 +128,10 @@ def fail(err: errors.GorbError) -> dict:
     return msgspec.to_builtins(Reply(False, err.errno, err.reason))
 
 
-def decode_request(type_: str, body: dict) -> Any:
-    """The typed body of a request; GorbError(INVALID) on an unknown type or a bad body."""
-    cls = REQUESTS.get(type_)
+def decode_request(type_: str, body: dict, requests: dict[str, type] | None = None) -> Any:
+    """The typed body of a request of one of ``requests`` (default: the writer's, ``REQUESTS``);
+    GorbError(INVALID) on an unknown type or a bad body."""
+    cls = (REQUESTS if requests is None else requests).get(type_)
     if cls is None:
         raise errors.invalid(f"unknown request type {type_!r}")
     try:

@@ -57,6 +57,14 @@ FORWARD_NAMES = {0: "nat", 2: "tunnel", 3: "dr", 1: "local", 4: "bypass"}
 TUNNEL_TYPES = {"ipip": 0, "gue": 1, "gre": 2}
 TUNNEL_FLAGS = {"nocsum": 0, "csum": 1, "remcsum": 2}
 
+# The fields that make up a service's kernel key: the writer refuses to change them in place
+# (a PATCH may not), so the store's sync turns a change of one into a delete and a re-create.
+KEY_FIELDS = ("host", "port", "protocol", "fwmark", "family")
+
+# A backend's health status names (pulse's verdicts, the writer's record, the API's views).
+UP, DOWN, UNKNOWN = "up", "down", "unknown"
+STATUSES = (UP, DOWN, UNKNOWN)
+
 DEFAULT_SCHEDULER = "wrr"  # GORB: "since Pulse will dynamically reweight backends"
 DEFAULT_WEIGHT = 100
 DEFAULT_PERSISTENCE_TIMEOUT = 300  # ipvsadm's default for -p without a value

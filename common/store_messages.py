@@ -48,7 +48,7 @@ import os
 
 import msgspec
 
-from gorb.common import errors
+from gorb.common import messages
 from gorb.common.runtime import DISCOVERY_DIR
 from gorb.common.runtime import endpoint as _endpoint
 
@@ -124,10 +124,4 @@ REQUESTS: dict[str, type] = {
 
 def decode_request(type_: str, body: dict) -> SyncRequest | StatusRequest:
     """The typed body of a control request; GorbError(INVALID) on an unknown type or a bad body."""
-    cls = REQUESTS.get(type_)
-    if cls is None:
-        raise errors.invalid(f"unknown request type {type_!r}")
-    try:
-        return msgspec.convert(body, cls, strict=True)
-    except msgspec.ValidationError as exc:
-        raise errors.invalid(str(exc)) from None
+    return messages.decode_request(type_, body, REQUESTS)

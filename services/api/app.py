@@ -56,7 +56,7 @@ from gorb.services.api.audit import Audit, AuditFile, note
 from gorb.services.api.auth import Authenticate, Tokens
 from gorb.services.api.discovery_client import DiscoveryClient, DiscoveryUnavailable
 from gorb.services.api.metrics import RequestMetrics, WriterCollector
-from gorb.services.api.resolver import Resolver, is_ip, resolve_host
+from gorb.common.resolver import Resolver, is_ip, resolve_host
 from gorb.services.api.writer_client import WriterClient, WriterUnavailable
 
 log = logging.getLogger("api")

@@ -23,16 +23,17 @@ import logging
 import signal
 import ssl
 import sys
+from dataclasses import dataclass
 
 import gevent
 import zmq.green
 
 from gorb.common import config, logs, runtime, store_messages
+from gorb.common.resolver import Resolver, resolve_host
 from gorb.services.api import auth
 from gorb.services.api.app import build
 from gorb.services.api.audit import AuditFile
 from gorb.services.api.discovery_client import DiscoveryClient
-from gorb.services.api.resolver import Resolver, resolve_host
 from gorb.services.api.server import Server, tls_context
 from gorb.services.api.writer_client import WriterClient
 
@@ -84,34 +85,33 @@ def secure(api: config.ApiSection) -> tuple[auth.Tokens, ssl.SSLContext | None,
     return tokens, tls, audit_file
 
 
-def main(argv: list[str] | None = None, resolve: Resolver = resolve_host) -> int:
-    """``resolve`` turns host names into addresses (tests pass one that needs no DNS)."""
-    cfg, endpoint = parse_args(argv)
-    logs.setup(cfg.gorb.log_level)
-    try:
-        tokens, tls, audit_file = secure(cfg.api)
-    except config.ConfigError as exc:
-        log.error("configuration: %s", exc)
-        return 2
+@dataclass
+class Peers:
+    """What the API holds open: its ZeroMQ context, the writer's and discovery's clients, the
+    audit file. ``close()`` closes them all."""
+
+    ctx: zmq.green.Context
+    client: WriterClient
+    discovery: DiscoveryClient | None
+    audit_file: AuditFile | None
+
+    def close(self) -> None:
+        for part in (self.client, self.discovery, self.audit_file):
+            if part is not None:
+                part.close()
+        self.ctx.destroy(linger=0)
+
+
+def connect(cfg: config.Config, endpoint: str, audit_file: AuditFile | None) -> Peers:
     ctx = zmq.green.Context()
-    client = WriterClient(ctx, endpoint, cfg.api.writer_timeout)
     discovery = None  # without a store the /store routes answer 404 without asking discovery
     if cfg.discovery.kv_prefix or cfg.discovery.store_dir:
         discovery = DiscoveryClient(ctx, store_messages.endpoint(cfg.gorb.runtime_dir))
-    _, wsgi = build(client, resolve, discovery=discovery, tokens=tokens, audit_file=audit_file)
-    server = Server(config.parse_listen(cfg.api.listen), wsgi, cfg.api.idle_timeout,
-                    cfg.api.max_connections, tls=tls)
-    try:
-        server.init_socket()
-    except OSError as exc:
-        log.error("cannot listen on %s: %s", cfg.api.listen, exc)
-        if audit_file is not None:
-            audit_file.close()
-        client.close()
-        if discovery is not None:
-            discovery.close()
-        ctx.destroy(linger=0)
-        return 2
+    return Peers(ctx, WriterClient(ctx, endpoint, cfg.api.writer_timeout), discovery, audit_file)
+
+
+def serve(server: Server, peers: Peers) -> int:
+    """Serve until SIGTERM/SIGINT (0) or a reply reader dies (70)."""
     code = 0
 
     def stop(reason: str) -> None:
@@ -125,25 +125,42 @@ def main(argv: list[str] | None = None, resolve: Resolver = resolve_host) -> int
         code = 70
         stop("internal error")
 
-    client.reader.link_exception(reader_died)
-    if discovery is not None:
-        discovery.reader.name = "discovery-replies"
-        discovery.reader.link_exception(reader_died)
+    peers.client.reader.link_exception(reader_died)
+    if peers.discovery is not None:
+        peers.discovery.reader.name = "discovery-replies"
+        peers.discovery.reader.link_exception(reader_died)
     gevent.signal_handler(signal.SIGTERM, stop, "SIGTERM")
     gevent.signal_handler(signal.SIGINT, stop, "SIGINT")
-    log.info("setting up %s server on %s (writer %s, auth %s, audit %s)",
-             "HTTPS" if tls else "HTTP", cfg.api.listen, endpoint, "on" if tokens else "off",
-             cfg.api.audit_log or "off")
-    try:
-        server.serve_forever(stop_timeout=STOP_TIMEOUT)
-    finally:
-        client.close()
-        if discovery is not None:
-            discovery.close()
-        if audit_file is not None:
-            audit_file.close()
-        ctx.destroy(linger=0)
+    server.serve_forever(stop_timeout=STOP_TIMEOUT)
     return code
+
+
+def main(argv: list[str] | None = None, resolve: Resolver = resolve_host) -> int:
+    """``resolve`` turns host names into addresses (tests pass one that needs no DNS)."""
+    cfg, endpoint = parse_args(argv)
+    logs.setup(cfg.gorb.log_level)
+    try:
+        tokens, tls, audit_file = secure(cfg.api)
+    except config.ConfigError as exc:
+        log.error("configuration: %s", exc)
+        return 2
+    peers = connect(cfg, endpoint, audit_file)
+    try:
+        _, wsgi = build(peers.client, resolve, discovery=peers.discovery, tokens=tokens,
+                        audit_file=audit_file)
+        server = Server(config.parse_listen(cfg.api.listen), wsgi, cfg.api.idle_timeout,
+                        cfg.api.max_connections, tls=tls)
+        try:
+            server.init_socket()
+        except OSError as exc:
+            log.error("cannot listen on %s: %s", cfg.api.listen, exc)
+            return 2
+        log.info("setting up %s server on %s (writer %s, auth %s, audit %s)",
+                 "HTTPS" if tls else "HTTP", cfg.api.listen, endpoint,
+                 "on" if tokens else "off", cfg.api.audit_log or "off")
+        return serve(server, peers)
+    finally:
+        peers.close()
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from typing import Any
 
 import msgspec
 
-from gorb.common.model import BackendOptions, ServiceOptions
+from gorb.common.model import STATUSES, BackendOptions, ServiceOptions
 from gorb.common.store_messages import StoreStatus, SyncResult
 
 REF = "#/components/schemas/{name}"
@@ -131,7 +131,7 @@ HAND_WRITTEN: dict[str, Any] = {
         "properties": {
             "status": {"type": "integer", "enum": [0, 1],
                        "description": "GORB's: 1 down, else 0 (up, or not checked yet)."},
-            "status_name": {"type": "string", "enum": ["up", "down", "unknown"]},
+            "status_name": {"type": "string", "enum": list(STATUSES)},
             "health": {"type": "number", "minimum": 0, "maximum": 1},
             "uptime": {"type": "integer", "minimum": 0, "description": "Seconds."},
             "last_check": {"anyOf": [{"type": "number"}, {"type": "null"}],
@@ -285,16 +285,10 @@ def _secure(paths: dict[str, Any]) -> None:
             op["responses"].update({"401": copy.deepcopy(E401), "403": copy.deepcopy(E403)})
 
 
-def document(auth: bool = False) -> dict[str, Any]:
-    """The document as this API serves it: ``auth`` (tokens configured) adds the bearer security
-    requirement and the 401/403 responses; the scheme is declared either way."""
-    _, components = msgspec.json.schema_components(
-        (ServiceOptions, BackendOptions, SyncResult, StoreStatus), ref_template=REF)
-    _request_schemas(components)
-    _store_schemas(components)
-    components.update(copy.deepcopy(HAND_WRITTEN))
+def _service_paths() -> dict[str, Any]:
+    """GORB's routes: services and backends (the writer answers them: 500/503 possible)."""
     writer_errors = {"500": E500, "503": E503}
-    paths = {
+    return {
         "/service": {
             "get": _operation("List the virtual services", {
                 "200": _ok_json("Service ids.", _ref("ServiceList")), **writer_errors},
@@ -335,6 +329,12 @@ def document(auth: bool = False) -> dict[str, Any]:
                 "200": EMPTY_OK, "400": E400, "404": E404, **writer_errors},
                 op_id="deleteBackend"),
         },
+    }
+
+
+def _other_paths() -> dict[str, Any]:
+    """/health, /metrics, the store's routes and this document."""
+    return {
         "/health": {
             "get": _operation("Whether the API and the writer answer", {
                 "200": _ok_json("Both answer.", _ref("Health")),
@@ -365,6 +365,17 @@ def document(auth: bool = False) -> dict[str, Any]:
                 op_id="openapi"),
         },
     }
+
+
+def document(auth: bool = False) -> dict[str, Any]:
+    """The document as this API serves it: ``auth`` (tokens configured) adds the bearer security
+    requirement and the 401/403 responses; the scheme is declared either way."""
+    _, components = msgspec.json.schema_components(
+        (ServiceOptions, BackendOptions, SyncResult, StoreStatus), ref_template=REF)
+    _request_schemas(components)
+    _store_schemas(components)
+    components.update(copy.deepcopy(HAND_WRITTEN))
+    paths = {**_service_paths(), **_other_paths()}
     if auth:
         _secure(paths)
     doc = {

@@ -63,12 +63,9 @@ from gorb.common.validation import (
     validate_backend,
     validate_service,
 )
+from gorb.common.model import KEY_FIELDS  # a change of one is a delete and a re-create
 from gorb.services.discovery import documents as docs
 from gorb.services.discovery.documents import StoreObjects
-
-# The fields of a service's kernel key: the writer refuses to change them in place
-# (gorb.services.ipvs_writer.engine.KEY_FIELDS), so a change is a delete and a re-create.
-KEY_FIELDS = ("host", "port", "protocol", "fwmark", "family")
 
 GORB, STORE = "gorb", "store"  # the side an action changes
 
@@ -285,112 +282,128 @@ def plan(store: StoreObjects, gorb_views: dict[str, dict[str, Any]], base: Base 
     errors = dict(store.errors)
     gorb = _writer_side(gorb_views, errors)
     st = _store_side(store, gorb, errors, resolve)
-    skip = set(store.bad_services) | st.bad | gorb.bad
-    skip_b = set(store.bad_backends) | st.bad_backends | gorb.bad_backends
-    agreed: dict[ObjKey, Any] = {}
-    deletes: list[Action] = []
-    actions: list[Action] = []
-    counts = {"services": 0, "backends": 0}
-
-    def base_of(key: ObjKey) -> Any:
-        return _NO_BASE if base is None else base.get(key)
-
-    def decide(key: ObjKey, s: Norm | None, w: Norm | None) -> str | None:
-        if s == w:
-            return None
-        b = base_of(key)
-        if b is _NO_BASE or s != b or not writable:
-            return GORB
-        return STORE
-
-    def backend_ids(vsid: str) -> set[str]:
-        ids = set(st.backends.get(vsid, {})) | set(gorb.backends.get(vsid, {}))
-        if base:
-            ids |= {k[2] for k in base if k[0] == "backend" and k[1] == vsid}
-        return ids
-
-    def create_backends(vsid: str) -> None:
-        for rsid, obj in sorted(st.backends.get(vsid, {}).items()):
-            if (vsid, rsid) not in skip_b:
-                actions.append(_backend_create(vsid, rsid, obj))
-
-    def sync_backends(vsid: str) -> None:
-        for rsid in sorted(backend_ids(vsid)):
-            if (vsid, rsid) in skip_b:
-                continue
-            key = bkey(vsid, rsid)
-            s = st.backends.get(vsid, {}).get(rsid)
-            w = gorb.backends.get(vsid, {}).get(rsid)
-            sn, wn = (s.norm if s else None), (w.norm if w else None)
-            side = decide(key, sn, wn)
-            if side is None:
-                agreed[key] = sn
-            elif side == GORB and s is None:
-                counts["backends"] += 1
-                actions.append(Action(GORB, "delete", vsid, rsid, [Step(
-                    "backend.delete", vsid, rsid, {"service": vsid, "backend": rsid})],
-                    {key: None}))
-            elif side == GORB and w is None:
-                actions.append(_backend_create(vsid, rsid, s))
-            elif side == GORB:
-                actions.append(_backend_change(vsid, rsid, s, wn))
-            else:
-                rel = docs.backend_key(vsid, rsid)
-                expect = store.raw.get(rel)
-                step = (Step("store.delete", vsid, rsid, key=rel, expect=expect) if w is None else
-                        Step("store.put", vsid, rsid, key=rel, value=docs.render_backend(wn),
-                             expect=expect))
-                verb = "delete" if w is None else ("create" if s is None else "update")
-                actions.append(Action(STORE, verb, vsid, rsid, [step], {key: wn}))
-
+    r = _Round(store, st, gorb, base, writable)
     vsids = set(st.services) | set(gorb.services) | set(store.bad_services) | gorb.bad
     if base:
         vsids |= {k[1] for k in base}
-    for vsid in sorted(vsids - skip):
-        key = skey(vsid)
-        s, w = st.services.get(vsid), gorb.services.get(vsid)
-        sn, wn = (s.norm if s else None), (w.norm if w else None)
-        side = decide(key, sn, wn)
-        gone = {bkey(vsid, rs): None for rs in backend_ids(vsid)}
-        if side is None:
-            agreed[key] = sn
-            sync_backends(vsid)
-        elif side == GORB and s is None:
-            counts["services"] += 1
-            deletes.append(Action(GORB, "delete", vsid, None, [Step(
-                "service.delete", vsid, body={"service": vsid})], {key: None, **gone}))
-        elif side == GORB and w is None:
-            actions.append(Action(GORB, "create", vsid, None, [_service_create(vsid, s)],
-                                  {**gone, key: sn}))
-            create_backends(vsid)
-        elif side == GORB and any(sn.get(f) != wn.get(f) for f in KEY_FIELDS):
-            actions.append(Action(GORB, "update", vsid, None, [
-                Step("service.delete", vsid, body={"service": vsid}), _service_create(vsid, s)],
-                {**gone, key: sn}))
-            create_backends(vsid)
-        elif side == GORB:
-            actions.append(Action(GORB, "update", vsid, None, [Step(
-                "service.update", vsid, body={"service": vsid, "options": sn})], {key: sn}))
-            sync_backends(vsid)
-        elif w is None:
-            actions.append(Action(STORE, "delete", vsid, None, [Step(
-                "store.delete", vsid, key=docs.service_key(vsid),
-                expect=store.raw.get(docs.service_key(vsid)), tree=True)], {key: None, **gone}))
-        else:
-            rel = docs.service_key(vsid)
-            # A service new to the store first clears backend keys left under it.
-            actions.append(Action(STORE, "create" if s is None else "update", vsid, None, [Step(
-                "store.put", vsid, key=rel, value=docs.render_service(wn),
-                expect=store.raw.get(rel), tree=s is None)], {key: wn}))
-            sync_backends(vsid)
-    actions = deletes + actions
+    for vsid in sorted(vsids - r.skip):
+        r.service(vsid)
+    actions = r.deletes + r.actions
     if writable and not store.marker and any(a.side == STORE for a in actions):
         actions.insert(0, Action(STORE, "create", "", None, [Step(
             "store.put", "", key=docs.MARKER, value=docs.render_marker())]))
-    refused = None if force else _refusal(store, counts, len(gorb.services) + len(gorb.bad),
+    refused = None if force else _refusal(store, r.counts, len(gorb.services) + len(gorb.bad),
                                           sum(map(len, gorb.backends.values())),
                                           max_delete_share)
-    return Plan(actions, agreed, errors, refused)
+    return Plan(actions, r.agreed, errors, refused)
+
+
+class _Round:
+    """One ``plan``'s decisions, object by object (``service`` then its backends)."""
+
+    def __init__(self, store: StoreObjects, st, gorb, base: Base | None, writable: bool):
+        self.store, self.st, self.gorb, self.base, self.writable = store, st, gorb, base, writable
+        self.skip = set(store.bad_services) | st.bad | gorb.bad
+        self.skip_b = set(store.bad_backends) | st.bad_backends | gorb.bad_backends
+        self.agreed: dict[ObjKey, Any] = {}
+        self.deletes: list[Action] = []
+        self.actions: list[Action] = []
+        self.counts = {"services": 0, "backends": 0}
+
+    def decide(self, key: ObjKey, s: Norm | None, w: Norm | None) -> str | None:
+        """Which side changes (None: they agree): the store's when only it moved since the
+        last agreed value (and it may be written), else gorb's."""
+        if s == w:
+            return None
+        b = _NO_BASE if self.base is None else self.base.get(key)
+        if b is _NO_BASE or s != b or not self.writable:
+            return GORB
+        return STORE
+
+    def backend_ids(self, vsid: str) -> set[str]:
+        ids = set(self.st.backends.get(vsid, {})) | set(self.gorb.backends.get(vsid, {}))
+        if self.base:
+            ids |= {k[2] for k in self.base if k[0] == "backend" and k[1] == vsid}
+        return ids
+
+    def create_backends(self, vsid: str) -> None:
+        for rsid, obj in sorted(self.st.backends.get(vsid, {}).items()):
+            if (vsid, rsid) not in self.skip_b:
+                self.actions.append(_backend_create(vsid, rsid, obj))
+
+    def sync_backends(self, vsid: str) -> None:
+        for rsid in sorted(self.backend_ids(vsid)):
+            if (vsid, rsid) not in self.skip_b:
+                self.backend(vsid, rsid)
+
+    def backend(self, vsid: str, rsid: str) -> None:
+        key = bkey(vsid, rsid)
+        s = self.st.backends.get(vsid, {}).get(rsid)
+        w = self.gorb.backends.get(vsid, {}).get(rsid)
+        sn, wn = (s.norm if s else None), (w.norm if w else None)
+        side = self.decide(key, sn, wn)
+        if side is None:
+            self.agreed[key] = sn
+        elif side == GORB and s is None:
+            self.counts["backends"] += 1
+            self.actions.append(Action(GORB, "delete", vsid, rsid, [Step(
+                "backend.delete", vsid, rsid, {"service": vsid, "backend": rsid})],
+                {key: None}))
+        elif side == GORB and w is None:
+            self.actions.append(_backend_create(vsid, rsid, s))
+        elif side == GORB:
+            self.actions.append(_backend_change(vsid, rsid, s, wn))
+        else:
+            rel = docs.backend_key(vsid, rsid)
+            expect = self.store.raw.get(rel)
+            step = (Step("store.delete", vsid, rsid, key=rel, expect=expect) if w is None else
+                    Step("store.put", vsid, rsid, key=rel, value=docs.render_backend(wn),
+                         expect=expect))
+            verb = "delete" if w is None else ("create" if s is None else "update")
+            self.actions.append(Action(STORE, verb, vsid, rsid, [step], {key: wn}))
+
+    def service(self, vsid: str) -> None:
+        key = skey(vsid)
+        s, w = self.st.services.get(vsid), self.gorb.services.get(vsid)
+        sn, wn = (s.norm if s else None), (w.norm if w else None)
+        side = self.decide(key, sn, wn)
+        gone = {bkey(vsid, rs): None for rs in self.backend_ids(vsid)}
+        if side is None:
+            self.agreed[key] = sn
+            self.sync_backends(vsid)
+        elif side == GORB and s is None:
+            self.counts["services"] += 1
+            self.deletes.append(Action(GORB, "delete", vsid, None, [Step(
+                "service.delete", vsid, body={"service": vsid})], {key: None, **gone}))
+        elif side == GORB and w is None:
+            self.actions.append(Action(GORB, "create", vsid, None, [_service_create(vsid, s)],
+                                       {**gone, key: sn}))
+            self.create_backends(vsid)
+        elif side == GORB and any(sn.get(f) != wn.get(f) for f in KEY_FIELDS):
+            self.actions.append(Action(GORB, "update", vsid, None, [
+                Step("service.delete", vsid, body={"service": vsid}), _service_create(vsid, s)],
+                {**gone, key: sn}))
+            self.create_backends(vsid)
+        elif side == GORB:
+            self.actions.append(Action(GORB, "update", vsid, None, [Step(
+                "service.update", vsid, body={"service": vsid, "options": sn})], {key: sn}))
+            self.sync_backends(vsid)
+        else:
+            self.store_side(vsid, key, s, w, wn, gone)
+
+    def store_side(self, vsid: str, key: ObjKey, s, w, wn: Norm | None, gone: dict) -> None:
+        """The store takes gorb's version of service ``vsid`` (or loses it)."""
+        rel = docs.service_key(vsid)
+        if w is None:
+            self.actions.append(Action(STORE, "delete", vsid, None, [Step(
+                "store.delete", vsid, key=rel, expect=self.store.raw.get(rel), tree=True)],
+                {key: None, **gone}))
+            return
+        # A service new to the store first clears backend keys left under it.
+        self.actions.append(Action(STORE, "create" if s is None else "update", vsid, None, [Step(
+            "store.put", vsid, key=rel, value=docs.render_service(wn),
+            expect=self.store.raw.get(rel), tree=s is None)], {key: wn}))
+        self.sync_backends(vsid)
 
 
 def _refusal(store: StoreObjects, counts: dict[str, int], n_services: int, n_backends: int,

@@ -24,6 +24,7 @@ import gevent
 
 from gorb.common import runtime, store_messages
 from gorb.common.config import ConfigError, DiscoverySection
+from gorb.common.resolver import resolve_host
 from gorb.common.transport import RequestClient, RouterServer, Subscriber
 from gorb.services.discovery import registry
 from gorb.services.discovery.blocking import Backoff
@@ -91,10 +92,8 @@ class Discovery:
             self.store = FileStore(section.store_dir, section.store_poll)
         self.syncer = None
         if self.store is not None:
-            if resolve is None:
-                from gorb.services.api.resolver import resolve_host as resolve
             self.syncer = Syncer(self.store, RequestClient(ctx, writer, f"{SRC}-sync"),
-                                 section.max_delete_share, resolve, backoff(),
+                                 section.max_delete_share, resolve or resolve_host, backoff(),
                                  resync=30.0 if self.store.writable else None)
         self.watch_backoff = backoff()
         self.subscriber = Subscriber(ctx, runtime.endpoint(runtime_dir, runtime.EVENTS),

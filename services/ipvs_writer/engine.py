@@ -28,7 +28,7 @@ import msgspec
 
 from gorb.common import errors, messages
 from gorb.common.errors import GorbError
-from gorb.common.model import ServiceOptions
+from gorb.common.model import KEY_FIELDS, ServiceOptions
 from gorb.common.validation import (
     canonical_ip,
     check_pulse,
@@ -65,8 +65,6 @@ from gorb.services.ipvs_writer.weights import (
 
 log = logging.getLogger(__name__)
 
-# The fields that make up a service's kernel key: PATCH may not change them.
-KEY_FIELDS = ("host", "port", "protocol", "fwmark", "family")
 
 
 class KernelPort(Protocol):

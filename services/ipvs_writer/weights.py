@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import msgspec
 
-UP, DOWN, UNKNOWN = "up", "down", "unknown"
+from gorb.common.model import DOWN, UNKNOWN, UP  # the status names, here too
 
 
 class Health(msgspec.Struct, frozen=True):

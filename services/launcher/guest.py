@@ -185,6 +185,35 @@ def _banner(why: str, cfg: config.Config, layout: conf.Layout, ns: str, port: in
     ])
 
 
+class _Refused(Exception):
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+def _listeners(cfg: config.Config, layout: conf.Layout, why: str, workdir: Path,
+               port: int) -> tuple[socket.socket, socket.socket]:
+    """The host's API and supervisorctl listeners, and the guest's files; _Refused if not."""
+    try:
+        api_listener = _tcp_listener(port)
+    except OSError as exc:
+        raise _Refused(1, f"cannot relay the API on 127.0.0.1:{port}: {exc.strerror}") from None
+    try:
+        runtime.ensure_runtime_dir(layout.runtime_dir)
+        ctl_listener = _unix_listener(layout.socket)
+    except (OSError, runtime.RuntimeDirError) as exc:
+        api_listener.close()
+        raise _Refused(2, str(exc)) from None
+    try:
+        _write_files(cfg, layout, why, workdir)
+    except OSError as exc:
+        api_listener.close()
+        ctl_listener.close()
+        layout.socket.unlink(missing_ok=True)
+        raise _Refused(2, str(exc)) from None
+    return api_listener, ctl_listener
+
+
 def run(cfg: config.Config, layout: conf.Layout, why: str, mem: str = "1G",
         out: TextIO = sys.stdout) -> int:
     """Run gorb in a guest until a signal or the guest's end; the exit status."""
@@ -204,19 +233,11 @@ def run(cfg: config.Config, layout: conf.Layout, why: str, mem: str = "1G",
     created = owns_socket = False
     try:
         try:
-            api_listener = _tcp_listener(port)
-        except OSError as exc:
-            print(f"gorb run: cannot relay the API on 127.0.0.1:{port}: {exc.strerror}",
-                  file=sys.stderr)
-            return 1
-        try:
-            runtime.ensure_runtime_dir(layout.runtime_dir)
-            ctl_listener = _unix_listener(layout.socket)
-            owns_socket = True
-            _write_files(cfg, layout, why, workdir)
-        except (OSError, runtime.RuntimeDirError) as exc:
+            api_listener, ctl_listener = _listeners(cfg, layout, why, workdir, port)
+        except _Refused as exc:
             print(f"gorb run: {exc}", file=sys.stderr)
-            return 2
+            return exc.code
+        owns_socket = True
         try:
             for name in netns.remove_stale():
                 print(f"gorb: removed {name}, left by a gorb run that is gone", file=out)

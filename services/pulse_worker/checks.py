@@ -283,22 +283,28 @@ def _http(spec: CheckSpec, deadline: _Deadline) -> None:
         except http.client.HTTPException as exc:
             raise _Fail(f"response: {type(exc).__name__}: {exc}") from None
         try:
-            if response.status not in codes:
-                detail = ""
-                location = response.getheader("Location")
-                if 300 <= response.status < 400 and location:
-                    detail = f" (redirect to {location} not followed)"
-                raise _Fail(f"status {response.status} not in {_expect_text(expect)}{detail}")
-            if "body" in args:
-                needle = str(args["body"]).encode()
-                body = _read_body(response, deadline)
-                if needle not in body:
-                    raise _Fail(f"body does not contain {_short(args['body'])}")
+            _judge(response, args, expect, codes, deadline)
         finally:
             response.close()
     finally:
         if sock is not None:
             sock.close()
+
+
+def _judge(response: http.client.HTTPResponse, args: dict, expect, codes,
+           deadline: _Deadline) -> None:
+    """_Fail unless the response has an expected status and, if asked, the body's text."""
+    if response.status not in codes:
+        detail = ""
+        location = response.getheader("Location")
+        if 300 <= response.status < 400 and location:
+            detail = f" (redirect to {location} not followed)"
+        raise _Fail(f"status {response.status} not in {_expect_text(expect)}{detail}")
+    if "body" in args:
+        needle = str(args["body"]).encode()
+        body = _read_body(response, deadline)
+        if needle not in body:
+            raise _Fail(f"body does not contain {_short(args['body'])}")
 
 
 def _read_body(response: http.client.HTTPResponse, deadline: _Deadline) -> bytes:

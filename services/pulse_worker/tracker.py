@@ -18,7 +18,8 @@ import random
 from collections import deque
 from dataclasses import dataclass, field
 
-UP, DOWN, UNKNOWN = "up", "down", "unknown"
+from gorb.common.model import DOWN, UNKNOWN, UP  # the status names, here too
+
 WINDOW = 100  # GORB's health window
 
 

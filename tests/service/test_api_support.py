@@ -91,7 +91,7 @@ def hashed_resolve(host: str) -> str:
     """A resolver without DNS: an IP literal as is, any other well-formed host name to a fixed
     address derived from it (10.200.x.y), names containing "nosuch" to Go's "no such host"."""
     from gorb.common.errors import invalid
-    from gorb.services.api.resolver import resolve_host
+    from gorb.common.resolver import resolve_host
 
     def getaddrinfo(name, port, family, kind):
         if "nosuch" in name or not name or len(name) > 253 or " " in name:

@@ -21,7 +21,7 @@ from gorb.common.model import BackendOptions, ServiceOptions
 from gorb.services.api import app as app_module
 from gorb.services.api import openapi, views
 from gorb.services.api.app import build
-from gorb.services.api.resolver import resolve_host
+from gorb.common.resolver import resolve_host
 from gorb.services.api.writer_client import WriterClient
 from gorb.services.ipvs_writer import state
 from tests.service.test_api_support import DEVICE_ADDRESS, StatsKernel, WriterThread, short_rundir

@@ -15,7 +15,7 @@ from gorb.common.errors import GorbError
 from gorb.common.model import BackendOptions, PulseOptions, ServiceOptions
 from gorb.common.validation import validate_backend
 from gorb.services.api import views
-from gorb.services.api.resolver import resolve_host
+from gorb.common.resolver import resolve_host
 
 pytestmark = pytest.mark.timeout(10)
 
