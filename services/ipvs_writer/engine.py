@@ -20,48 +20,33 @@ import errno as errno_mod
 import logging
 import time
 from collections.abc import Callable, Iterable
-from functools import partial
-from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import msgspec
 
 from gorb.common import errors, messages
 from gorb.common.errors import GorbError
-from gorb.common.model import KEY_FIELDS, ServiceOptions
-from gorb.common.validation import (
-    canonical_ip,
-    check_pulse,
-    decode,
-    ip_family,
-    validate_backend,
-    validate_object_id,
-    validate_service,
-    validate_weight,
-)
-from gorb.services.ipvs_writer.reader import Snapshots
-from gorb.services.ipvs_writer.state import BackendRecord, ServiceRecord, Services, endpoints
-from gorb.common.pulse_messages import HealthResults, Outcome, TargetsChanged
+from gorb.common.pulse_messages import Outcome, TargetsChanged
 from gorb.common.shard import owner
-from gorb.services.ipvs_writer.table import KService, Op, SKey, kdest, kservice, plan
+from gorb.services.ipvs_writer.desired import desired_table, held, ktable, ops_between
+from gorb.services.ipvs_writer.health import apply_results
+from gorb.services.ipvs_writer.reader import Snapshots
+from gorb.services.ipvs_writer.staging import Draft, Staged, stage
+from gorb.services.ipvs_writer.state import BackendRecord, ServiceRecord, Services
+from gorb.services.ipvs_writer.table import KService, Op, SKey, kservice, plan
 from gorb.services.ipvs_writer.targets import (
     Member,
     TargetGroup,
     backend_target,
-    effective_pulse,
-    slow_start,
     targets,
     update_targets,
 )
-from gorb.services.ipvs_writer.weights import (
-    UNKNOWN,
-    UP,
-    Health,
-    SlowStart,
-    held_in,
-    transition,
-    weight,
-)
+from gorb.services.ipvs_writer.views import backend_view, service_view
+from gorb.services.ipvs_writer.weights import UNKNOWN, Health
+
+# Re-exported: what the writer's tests and the discovery tests import from here.
+__all__ = ["Draft", "Engine", "Staged", "desired_table", "held", "ktable", "ops_between",
+           "service_view", "stage"]
 
 log = logging.getLogger(__name__)
 
@@ -72,296 +57,6 @@ class KernelPort(Protocol):
     def dump(self) -> dict[SKey, KService]: ...
     def service(self, svc: KService) -> KService | None: ...
     def flush(self) -> None: ...
-
-
-# --- pure core ----------------------------------------------------------------------------------
-
-def held(record: ServiceRecord) -> set[str]:
-    """Backends of the service kept in by fail-open although pulse says they are down."""
-    if record.options.fail_open <= 0:
-        return set()
-    return held_in([(rs, b.options.weight, b.health) for rs, b in record.backends.items()],
-                   record.options.fail_open)
-
-
-def ktable(record: ServiceRecord, rsids: Iterable[str] | None = None) -> KService:
-    """The kernel service (with dests) a service record asks for: each dest at the weight its
-    configured weight and its health give (``weights``); only the backends ``rsids`` that it
-    has, when given."""
-    svc = kservice(record.options, record.address)
-    keep = held(record)
-    backends = record.backends
-    for rs in backends if rsids is None else rsids:
-        b = backends.get(rs)
-        if b is None:
-            continue
-        d = kdest(b.options, b.address, weight(b.options.weight, b.health, rs in keep), svc.af)
-        svc.dests[d.key] = d
-    return svc
-
-
-def desired_table(services: Services) -> dict[SKey, KService]:
-    return {t.key: t for t in map(ktable, services.values())}
-
-
-Change = dict[str, dict[str, Any]]  # "/service/<vs>[/<rs>]" -> {"before": ..., "after": ...}
-
-
-@dataclass
-class Staged:
-    touched: str  # the service id whose kernel entries may change
-    events: list[tuple[str, str, dict]] = field(default_factory=list)  # (topic, type, body)
-    change: Change = field(default_factory=dict)  # what the request changed, for the reply
-
-
-def _service_state(record: ServiceRecord) -> dict:
-    """A service as a mutation reply's ``change`` shows it: what was asked for and where; its
-    backends are entries of their own (``_backend_state``), health is not a change."""
-    return {"options": msgspec.to_builtins(record.options), "address": record.address}
-
-
-def _backend_state(b: BackendRecord) -> dict:
-    return {"options": msgspec.to_builtins(b.options), "address": b.address}
-
-
-def _change(path: str, before: dict | None, after: dict | None) -> Change:
-    return {path: {"before": before, "after": after}}
-
-
-class Draft:
-    """A batch's working copy of the desired state, copied on write.
-
-    The service map is copied once per draft, and a service's backend map (with its endpoint
-    index) once per draft on its first change, so a batch of n backend changes costs O(n), not
-    O(n x backends). The records of ``base`` are never mutated: a service changed in the draft
-    gets a new record whose backend map belongs to the draft until it is committed.
-    """
-
-    def __init__(self, base: Services):
-        self.services: Services = dict(base)
-        self._fresh: set[str] = set()
-
-    def put(self, vsid: str, record: ServiceRecord) -> None:
-        old = self.services.get(vsid)
-        if vsid in self._fresh and old is not None and record.backends is old.backends:
-            record.__dict__["_endpoints"] = old.__dict__["_endpoints"]  # still the draft's own
-        else:
-            self._fresh.discard(vsid)
-        self.services[vsid] = record
-
-    def remove(self, vsid: str) -> None:
-        del self.services[vsid]
-        self._fresh.discard(vsid)
-
-    def writable(self, vsid: str) -> ServiceRecord:
-        """The draft's own record for ``vsid``: its backend map may be changed in place."""
-        record = self.services[vsid]
-        if vsid not in self._fresh:
-            fresh = msgspec.structs.replace(record, backends=dict(record.backends))
-            fresh.__dict__["_endpoints"] = set(endpoints(record))
-            self.services[vsid] = record = fresh
-            self._fresh.add(vsid)
-        return record
-
-
-def _service_family(record: ServiceRecord) -> str:
-    if record.options.family:
-        return record.options.family
-    return ip_family(record.address) if record.address else "ipv4"
-
-
-def _address(host: str, address: str) -> str:
-    ip = address or host
-    if not ip:
-        return ""
-    try:
-        return canonical_ip(ip)
-    except GorbError:
-        raise errors.invalid(f"host {host!r} is not an IP address and was not resolved") from None
-
-
-def _key_conflict(services: Services, vsid: str, key: SKey) -> str | None:
-    for other_id, other in services.items():
-        if other_id != vsid and kservice(other.options, other.address).key == key:
-            return other_id
-    return None
-
-
-def service_view(vsid: str, record: ServiceRecord, live: KService | None = None,
-                 observed: dict | None = None) -> dict:
-    observed = observed or {}
-    return {
-        "service": vsid,
-        "options": msgspec.to_builtins(record.options),
-        "address": record.address,
-        "backends": {rs: backend_view(vsid, rs, b, record, live, observed.get((vsid, rs)))
-                     for rs, b in record.backends.items()},
-        "kernel": _kservice_view(live),
-    }
-
-
-def backend_view(vsid: str, rsid: str, b: BackendRecord, record: ServiceRecord,
-                 live: KService | None = None, observed: Outcome | None = None) -> dict:
-    """A backend as the writer sees it: options as given, the effective pulse, the weight it
-    should have (``weight``), pulse's verdict (``health``), the last check (``check``) and the
-    kernel's live entry (``kernel``)."""
-    kd = None
-    if live is not None:
-        kd = live.dests.get((b.address, b.options.port))
-    return {
-        "service": vsid,
-        "backend": rsid,
-        "options": msgspec.to_builtins(b.options),
-        "pulse": msgspec.to_builtins(effective_pulse(record, b)),
-        "address": b.address,
-        "weight": weight(b.options.weight, b.health, rsid in held(record)),
-        "health": {**msgspec.to_builtins(b.health), "held_in": rsid in held(record)},
-        "check": None if observed is None else msgspec.to_builtins(observed),
-        "kernel": None if kd is None else {"weight": kd.weight, "fwd": kd.fwd, "stats": kd.stats},
-    }
-
-
-def _kservice_view(live: KService | None) -> dict | None:
-    if live is None:
-        return None
-    return {"scheduler": live.sched, "flags": live.flags, "timeout": live.timeout,
-            "netmask": live.netmask, "stats": live.stats}
-
-
-Seed = Callable[[ServiceRecord, BackendRecord], Health]
-
-
-def stage(draft: Draft, type_: str, req: Any, default_address: str = "",
-          seed: Seed | None = None) -> Staged:
-    """Apply one mutation to ``draft``; raises GorbError (and leaves the draft as it was) for a
-    refused request. ``default_address`` is the VIP of a service created without ``host``
-    (GORB: the first address of the ``-i`` device)."""
-    services = draft.services
-    vsid = validate_object_id(req.service)
-    current = services.get(vsid)
-    if type_ == "service.create":
-        address = req.address
-        if not req.options.host and not address and not req.options.fwmark:
-            address = default_address
-        opts = validate_service(req.options, address)  # GORB: a bad body is 400 before any 409
-        if current is not None:
-            raise GorbError(errors.EXISTS)
-        record = ServiceRecord(opts, _address(opts.host, address))
-        if not opts.fwmark and not record.address:
-            raise errors.invalid(errors.MSG_ENDPOINT_MISSING)
-        other = _key_conflict(services, vsid, kservice(opts, record.address).key)
-        if other is not None:
-            raise GorbError(errors.EXISTS, f"{errors.MSG_EXISTS}: service {other!r} has that address")
-        draft.put(vsid, record)
-        return Staged(vsid, [(f"service.{vsid}.created", "service.created",
-                                   service_view(vsid, record))],
-                      _change(f"/service/{vsid}", None, _service_state(record)))
-    if current is None:
-        raise GorbError(errors.NOT_FOUND)
-    if type_ == "service.update":
-        merged = msgspec.structs.asdict(current.options)
-        unknown = set(req.options) - set(merged)
-        if unknown:
-            raise errors.invalid(f"unknown option(s): {', '.join(sorted(unknown))}")
-        merged.update(req.options)
-        if not merged["persistent"]:
-            # The stored timeout is the one validation defaulted when persistence was on; turning
-            # persistence off drops it (and the netmask) unless the request itself sets them.
-            for k in ("timeout", "netmask"):
-                if k not in req.options:
-                    merged[k] = None if k == "netmask" else 0
-        opts = validate_service(decode(merged, ServiceOptions), current.address)
-        changed = [k for k in KEY_FIELDS if getattr(opts, k) != getattr(current.options, k)]
-        if changed:
-            raise errors.invalid(f"the service key ({', '.join(KEY_FIELDS[:4])}) cannot be changed "
-                                 f"in place ({', '.join(changed)} differs): delete and re-create it")
-        record = msgspec.structs.replace(current, options=opts)
-        for b in record.backends.values():
-            check_pulse(effective_pulse(record, b))
-        draft.put(vsid, record)
-        return Staged(vsid, [(f"service.{vsid}.updated", "service.updated",
-                                   service_view(vsid, record))],
-                      _change(f"/service/{vsid}", _service_state(current),
-                              _service_state(record)))
-    if type_ == "service.delete":
-        draft.remove(vsid)
-        change = _change(f"/service/{vsid}", _service_state(current), None)
-        for rs, b in current.backends.items():  # they go with it
-            change.update(_change(f"/service/{vsid}/{rs}", _backend_state(b), None))
-        return Staged(vsid, [(f"service.{vsid}.deleted", "service.deleted",
-                                   {"service": vsid})], change)
-    rsid = validate_object_id(req.backend)
-    backend = current.backends.get(rsid)
-    if type_ == "backend.create":
-        opts = validate_backend(req.options, req.address, _service_family(current),
-                                fwmark_service=bool(current.options.fwmark))
-        if backend is not None:
-            raise GorbError(errors.EXISTS)
-        address = _address(opts.host, req.address)
-        if (address, opts.port) in endpoints(current):
-            other = next(i for i, o in current.backends.items()
-                         if (o.address, o.options.port) == (address, opts.port))
-            raise GorbError(errors.EXISTS, f"{errors.MSG_EXISTS}: backend {other!r} has "
-                                           "that address and port")
-        b = BackendRecord(opts, address)
-        check_pulse(effective_pulse(current, b))
-        if seed is not None:  # a target already known (down) under another service: same verdict
-            b = msgspec.structs.replace(b, health=seed(current, b))
-        topic, verb = f"backend.{vsid}.{rsid}.created", "backend.created"
-    elif backend is None:
-        raise GorbError(errors.NOT_FOUND)
-    elif type_ == "backend.update":
-        b = msgspec.structs.replace(backend, options=msgspec.structs.replace(
-            backend.options, weight=validate_weight(req.weight)))
-        topic, verb = f"backend.{vsid}.{rsid}.updated", "backend.updated"
-    else:  # backend.delete
-        record = draft.writable(vsid)
-        del record.backends[rsid]
-        record.__dict__["_endpoints"].discard((backend.address, backend.options.port))
-        return Staged(vsid, [(f"backend.{vsid}.{rsid}.deleted", "backend.deleted",
-                                   {"service": vsid, "backend": rsid})],
-                      _change(f"/service/{vsid}/{rsid}", _backend_state(backend), None))
-    record = draft.writable(vsid)
-    record.backends[rsid] = b
-    record.__dict__["_endpoints"].add((b.address, b.options.port))
-    return Staged(vsid, [(topic, verb, backend_view(vsid, rsid, b, record))],
-                  _change(f"/service/{vsid}/{rsid}",
-                          None if backend is None else _backend_state(backend), _backend_state(b)))
-
-
-def _changed_dests(was: ServiceRecord, now: ServiceRecord) -> tuple[KService, KService] | None:
-    """The kernel tables of ``was`` and ``now`` restricted to the backends whose record changed,
-    when nothing else can differ (same service options and address, no fail-open, which weighs a
-    backend by the health of the others); None when the whole service must be compared."""
-    if (was.options != now.options or was.address != now.address
-            or was.options.fail_open > 0):
-        return None
-    changed = [rs for rs in was.backends.keys() | now.backends.keys()
-               if was.backends.get(rs) is not now.backends.get(rs)]
-    return ktable(was, changed), ktable(now, changed)
-
-
-def ops_between(old: Services, new: Services, vsids: set[str]) -> list[Op]:
-    """Kernel ops taking the touched services from ``old`` to ``new`` (kernel assumed == old).
-
-    A service whose own options did not change is compared only on the backends whose records
-    changed (records are immutable and a draft keeps the unchanged ones), so a weight change
-    costs a lookup per backend of its service, not a kernel view of each."""
-    want: dict[SKey, KService] = {}
-    have: dict[SKey, KService] = {}
-    for v in vsids:
-        was, now = old.get(v), new.get(v)
-        pair = _changed_dests(was, now) if was is not None and now is not None else None
-        if pair is not None:
-            h, w = pair
-        else:
-            h = ktable(was) if was is not None else None
-            w = ktable(now) if now is not None else None
-        if h is not None:
-            have[h.key] = h
-        if w is not None:
-            want[w.key] = w
-    return plan(want, have, owned=set(have) - set(want))
 
 
 # --- the engine ---------------------------------------------------------------------------------
@@ -537,41 +232,11 @@ class Engine:
 
     def handle_health(self, bodies: list[dict]) -> list[Event]:
         """Take pushed ``health.results``: update each backend's health and apply the weights
-        that follow. Results for unknown targets (a backend just deleted) are dropped."""
-        now = self.clock()
-        groups = self.targets()
+        that follow (``health.apply_results``). Results for unknown targets (a backend just
+        deleted) are dropped."""
         draft = Draft(self.services)
-        touched: set[str] = set()
-        events: list[Event] = []
-        for body in bodies:
-            try:
-                msg = msgspec.convert(body, HealthResults)
-            except msgspec.ValidationError as exc:
-                log.warning("dropping malformed health results: %s", exc)
-                continue
-            for outcome in msg.results:
-                group = groups.get(outcome.key)
-                if group is None:
-                    continue
-                for member in group.members:
-                    self.observed[member] = outcome
-                    vsid, rsid = member
-                    record = draft.services.get(vsid)
-                    backend = record.backends.get(rsid) if record else None
-                    if backend is None:
-                        continue
-                    new = _health_after(backend.health, outcome, msg.full, now,
-                                        partial(slow_start, record, backend))
-                    if new == backend.health:
-                        continue
-                    if new.status != backend.health.status:
-                        log.warning("backend [%s/%s] status: %s", vsid, rsid,
-                                    new.status.capitalize())
-                        events.append((f"backend.{vsid}.{rsid}.health", "backend.health",
-                                       {"service": vsid, "backend": rsid, "status": new.status}))
-                    record = draft.writable(vsid)
-                    record.backends[rsid] = msgspec.structs.replace(backend, health=new)
-                    touched.add(vsid)
+        touched, events = apply_results(draft, self.targets(), bodies, self.clock(),
+                                        self.observed)
         if not touched:
             return events
         before = self.services
@@ -691,22 +356,6 @@ class Engine:
                                             self.observed.get((req.service, req.backend))))
         except GorbError as err:
             return messages.fail(err)
-
-
-def _health_after(h: Health, outcome: Outcome, full: bool, now: float,
-                  slow: Callable[[], SlowStart]) -> Health:
-    """A backend's health after one reported outcome. A full resend only corrects the status
-    (it repeats results already counted); a failed check of a target still up (``fall`` not
-    reached) changes nothing; only a passed check advances a climb. ``slow`` (the backend's slow
-    start, a lookup) is asked only when the health may move: not for nearly every result, a
-    passed check of a backend already up at full weight."""
-    if outcome.status == UNKNOWN:
-        return h
-    if full:
-        return transition(h, outcome.status, now, slow()) if outcome.status != h.status else h
-    if outcome.status == UP and (not outcome.ok or (h.status == UP and h.level >= 1.0)):
-        return h
-    return transition(h, outcome.status, now, slow())
 
 
 def _kernel_error(exc: Exception) -> GorbError:

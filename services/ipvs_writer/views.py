@@ -1,0 +1,54 @@
+"""The writer's views of its records (pure): what a read, an event and a reply show of a service
+and a backend, with the kernel's live entry beside the desired one."""
+
+from __future__ import annotations
+
+import msgspec
+
+from gorb.common.pulse_messages import Outcome
+from gorb.services.ipvs_writer.desired import held
+from gorb.services.ipvs_writer.state import BackendRecord, ServiceRecord
+from gorb.services.ipvs_writer.table import KService
+from gorb.services.ipvs_writer.targets import effective_pulse
+from gorb.services.ipvs_writer.weights import weight
+
+
+def service_view(vsid: str, record: ServiceRecord, live: KService | None = None,
+                 observed: dict | None = None) -> dict:
+    observed = observed or {}
+    return {
+        "service": vsid,
+        "options": msgspec.to_builtins(record.options),
+        "address": record.address,
+        "backends": {rs: backend_view(vsid, rs, b, record, live, observed.get((vsid, rs)))
+                     for rs, b in record.backends.items()},
+        "kernel": _kservice_view(live),
+    }
+
+
+def backend_view(vsid: str, rsid: str, b: BackendRecord, record: ServiceRecord,
+                 live: KService | None = None, observed: Outcome | None = None) -> dict:
+    """A backend as the writer sees it: options as given, the effective pulse, the weight it
+    should have (``weight``), pulse's verdict (``health``), the last check (``check``) and the
+    kernel's live entry (``kernel``)."""
+    kd = None
+    if live is not None:
+        kd = live.dests.get((b.address, b.options.port))
+    return {
+        "service": vsid,
+        "backend": rsid,
+        "options": msgspec.to_builtins(b.options),
+        "pulse": msgspec.to_builtins(effective_pulse(record, b)),
+        "address": b.address,
+        "weight": weight(b.options.weight, b.health, rsid in held(record)),
+        "health": {**msgspec.to_builtins(b.health), "held_in": rsid in held(record)},
+        "check": None if observed is None else msgspec.to_builtins(observed),
+        "kernel": None if kd is None else {"weight": kd.weight, "fwd": kd.fwd, "stats": kd.stats},
+    }
+
+
+def _kservice_view(live: KService | None) -> dict | None:
+    if live is None:
+        return None
+    return {"scheduler": live.sched, "flags": live.flags, "timeout": live.timeout,
+            "netmask": live.netmask, "stats": live.stats}
