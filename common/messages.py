@@ -120,6 +120,26 @@ class Reply(msgspec.Struct):
     data: Any = None
 
 
+class Refused(Exception):
+    """A peer answered a request with ``ok: false``: its errno and reason."""
+
+    def __init__(self, type_: str, errno: str, reason: str):
+        super().__init__(f"{type_} refused: {reason} ({errno})")
+        self.errno, self.reason = errno, reason
+
+
+def data_of(type_: str, reply: Any) -> Any:
+    """The ``data`` of a reply to a ``type_`` request, checked against ``Reply``; ``Refused``
+    when it says ``ok: false``, ``Refused`` (errno ``invalid``) when it is not a reply at all."""
+    try:
+        typed = msgspec.convert(reply, Reply)
+    except msgspec.ValidationError as exc:
+        raise Refused(type_, errors.INVALID, f"not a reply: {exc}") from None
+    if not typed.ok:
+        raise Refused(type_, typed.errno, typed.reason)
+    return typed.data
+
+
 def ok(data: Any = None) -> dict:
     return msgspec.to_builtins(Reply(True, data=data))
 

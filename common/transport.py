@@ -39,7 +39,13 @@ class TransportError(Exception):
     """The bus could not carry a message (bind failed, peer sent garbage, ...)."""
 
 
-class TransportTimeout(TransportError):
+class PeerUnavailable(TransportError):
+    """A peer process (the writer, discovery) did not take or answer a request in time, or
+    cannot serve it: the one error every bus client raises for it (the API's 503, discovery's
+    and pulse's retry). The message says which peer and why."""
+
+
+class TransportTimeout(PeerUnavailable):
     """No peer took or answered a message within the timeout."""
 
 

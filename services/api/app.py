@@ -21,9 +21,9 @@ Responses:
                            ``api.idle_timeout``, 500 ``internal error`` for a bug
 
 This module is the one choke point where exceptions become responses: a ``GorbError`` becomes its
-status and text, ``WriterUnavailable`` a 503, anything else is logged with its traceback and
-answered 500 ``internal error`` — never a traceback on the wire, never a dropped connection.
-``DiscoveryUnavailable`` is a 503 as well.
+status and text, ``PeerUnavailable`` (the writer or discovery did not answer) a 503, anything
+else is logged with its traceback and answered 500 ``internal error`` — never a traceback on the
+wire, never a dropped connection.
 
 In front of the routes (``build``): ``auth`` (bearer tokens: 401/403 before any route runs) and
 ``audit`` (one JSON line per state-changing request, for which the routes ``note`` the body as
@@ -51,12 +51,13 @@ from prometheus_client.registry import CollectorRegistry
 from gorb.common import errors
 from gorb.common.errors import GorbError
 from gorb.common.validation import validate_backend, validate_object_id, validate_service
+from gorb.common.resolver import Resolver, is_ip, resolve_host
+from gorb.common.transport import PeerUnavailable
 from gorb.services.api import audit, openapi, views
 from gorb.services.api.audit import Audit, AuditFile, note
 from gorb.services.api.auth import Authenticate, Tokens
-from gorb.services.api.discovery_client import DiscoveryClient, DiscoveryUnavailable
+from gorb.services.api.discovery_client import DiscoveryClient
 from gorb.services.api.metrics import RequestMetrics, WriterCollector
-from gorb.common.resolver import Resolver, is_ip, resolve_host
 from gorb.services.api.writer_client import WriterClient, WriterUnavailable
 
 log = logging.getLogger("api")
@@ -167,7 +168,7 @@ class Api:
                 raise
             except GorbError as err:
                 return _error(views.status_of(err), err.reason)
-            except (WriterUnavailable, DiscoveryUnavailable) as exc:
+            except PeerUnavailable as exc:  # the writer or discovery
                 log.warning("%s %s: %s", bottle.request.method, bottle.request.path, exc)
                 return _error(errors.HTTP_STATUS[errors.UNAVAILABLE], str(exc))
             except BodyTooLarge:

@@ -23,13 +23,14 @@ import gevent
 import zmq.green
 from gevent.event import AsyncResult
 
+from gorb.common.transport import PeerUnavailable
 from gorb.services.api.writer_client import WriterClient
 
 CONNECT_TIMEOUT = 2.0
 SYNC_TIMEOUT = 35.0
 
 
-class DiscoveryUnavailable(Exception):
+class DiscoveryUnavailable(PeerUnavailable):
     """discovery is not running, or did not answer in time (HTTP 503)."""
 
 

@@ -27,12 +27,12 @@ import zmq.green
 from gevent.event import AsyncResult
 
 from gorb.common.envelope import Envelope, EnvelopeError, decode, encode
-from gorb.common.transport import RequestClient
+from gorb.common.transport import PeerUnavailable, RequestClient
 
 log = logging.getLogger(__name__)
 
 
-class WriterUnavailable(Exception):
+class WriterUnavailable(PeerUnavailable):
     """The writer did not take or answer a request in time (HTTP 503)."""
 
 

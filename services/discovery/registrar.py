@@ -22,16 +22,13 @@ from collections.abc import Callable
 import gevent
 import gevent.event
 
-from gorb.common.transport import TransportError
+from gorb.common import messages
+from gorb.common.transport import PeerUnavailable, TransportError
 from gorb.services.discovery import registry
 from gorb.services.discovery.blocking import Backoff
 from gorb.services.discovery.consul_adapter import ConsulAdapter, ConsulRefused, ConsulUnavailable
 
 log = logging.getLogger("discovery")
-
-
-class WriterUnavailable(Exception):
-    pass
 
 
 class Registrar:
@@ -58,12 +55,12 @@ class Registrar:
 
     def _views(self) -> dict:
         try:
-            reply = self.client.request("state.dump", {"stats": False})
+            return messages.data_of("state.dump", self.client.request(
+                "state.dump", {"stats": False}))["services"]
         except TransportError as exc:
-            raise WriterUnavailable(str(exc)) from None
-        if not reply.get("ok"):
-            raise WriterUnavailable(reply.get("reason") or "state.dump refused")
-        return reply["data"]["services"]
+            raise PeerUnavailable(f"ipvs-writer: {exc}") from None
+        except messages.Refused as exc:
+            raise PeerUnavailable(f"ipvs-writer: {exc}") from None
 
     def _register(self, reg: registry.Registration, status: tuple[str, str]) -> None:
         check = self.adapter.ttl_check(self.ttl, status[0], f"gorb {reg.service_id}", status[1])
@@ -124,7 +121,7 @@ class Registrar:
             full = self.clock() >= next_full
             try:
                 self.cycle(full)
-            except (ConsulUnavailable, WriterUnavailable) as exc:
+            except (ConsulUnavailable, PeerUnavailable) as exc:
                 if self.backoff.failures == 0:
                     log.warning("registration postponed: %s (retrying with backoff)", exc)
                 gevent.sleep(self.backoff.next())

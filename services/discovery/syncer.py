@@ -42,7 +42,7 @@ from gorb.common.store_messages import (
     SyncRequest,
     SyncResult,
 )
-from gorb.common.transport import TransportError
+from gorb.common.transport import PeerUnavailable, TransportError
 from gorb.common.validation import canonical_ip
 from gorb.services.discovery import documents as docs
 from gorb.services.discovery import reconcile
@@ -55,7 +55,7 @@ log = logging.getLogger("discovery")
 _IDEMPOTENT = {("service.delete", errors.NOT_FOUND), ("backend.delete", errors.NOT_FOUND)}
 
 
-class Unavailable(Exception):
+class Unavailable(PeerUnavailable):
     """The writer or the store did not answer: the round is abandoned and retried."""
 
 
@@ -141,12 +141,10 @@ class Syncer:
 
     def _inputs(self, force: bool) -> tuple[reconcile.Plan, reconcile.Base | None]:
         try:
-            reply = self.client.request("state.dump", {"stats": False})
-        except TransportError as exc:
+            views = messages.data_of("state.dump", self.client.request(
+                "state.dump", {"stats": False}))["services"]
+        except (TransportError, messages.Refused) as exc:
             raise Unavailable(f"ipvs-writer: {exc}") from None
-        if not reply.get("ok"):
-            raise Unavailable(f"ipvs-writer refused state.dump: {reply.get('reason')}")
-        views = reply["data"]["services"]
         try:
             objects = self.store.read()
         except StoreUnavailable as exc:
@@ -203,14 +201,15 @@ class Syncer:
 
     def _command(self, step: reconcile.Step) -> None:
         try:
-            reply = self.client.request(step.op, step.body)
+            messages.data_of(step.op, self.client.request(step.op, step.body))
         except TransportError as exc:
             raise Unavailable(f"ipvs-writer: {exc}") from None
-        if reply.get("ok") or (step.op, reply.get("errno")) in _IDEMPOTENT:
-            return
-        errno = reply.get("errno")
-        raise GorbError(errno if errno in errors.HTTP_STATUS and errno != errors.OK
-                        else errors.INTERNAL, reply.get("reason") or str(errno))
+        except messages.Refused as exc:
+            if (step.op, exc.errno) in _IDEMPOTENT:
+                return
+            raise GorbError(exc.errno if exc.errno in errors.HTTP_STATUS
+                            and exc.errno != errors.OK else errors.INTERNAL,
+                            exc.reason or str(exc.errno)) from None
 
     # control requests ----------------------------------------------------------------------------
 

@@ -28,6 +28,7 @@ import gevent.event
 import gevent.pool
 import msgspec
 
+from gorb.common import messages
 from gorb.common import pulse_messages as pm
 from gorb.common.transport import TransportError
 from gorb.services.pulse_worker.checks import CheckSpec, run_check
@@ -62,11 +63,12 @@ class Worker:
 
     def sync(self) -> None:
         """Take the writer's current targets for this shard (new ones seeded, gone ones dropped)."""
-        reply = self.client.request("pulse.targets", {"worker": self.index,
-                                                      "workers": self.workers})
-        if not reply.get("ok"):
-            raise RuntimeError(f"writer refused pulse.targets: {reply}")
-        wanted = {t["key"]: t for t in reply["data"]["targets"]}
+        try:
+            data = messages.data_of("pulse.targets", self.client.request(
+                "pulse.targets", {"worker": self.index, "workers": self.workers}))
+        except messages.Refused as exc:
+            raise RuntimeError(f"ipvs-writer: {exc}") from None
+        wanted = {t["key"]: t for t in data["targets"]}
         now = self.clock()
         for key in list(self.trackers):
             if key not in wanted:
