@@ -5,13 +5,18 @@
 (a) backend add and weight-set rate: 2,000 dests (10 services x 200), sent to a running
     ``ipvs-writer`` as pipelined bus requests (each one validated, persisted, applied and
     answered), against ``ipvsadm -R`` restoring the same 2,000 entries; plus the bare kernel
-    adapter (``Kernel.apply``) for reference. Each contender gets a fresh network namespace.
+    adapter (``Kernel.apply``, gorb's codec) beside pyroute2's own IPVS API doing the same ops
+    (``tests/bench/pyroute2_ipvs.py``: one request per round trip, pipelined, batched, and the
+    adapter with pyroute2's encoder). Each contender gets a fresh network namespace.
+    Before it, encode-only cost per message: gorb's codec against pyroute2's encoder.
 (b) convergence after a restart: 1,000 services x 10 backends in the state file;
     - empty kernel (host rebooted): writer process start -> ready (answering on the bus), and the
       converge step alone, against ``ipvsadm -R`` of the same 11,000 entries;
     - kernel already populated (writer restarted): process start -> ready.
-Figures are printed as ops/s and ratios; rounds alternate the order of the contenders and the
-median is reported. Targets (issue 2): writer >= 1.0x ipvsadm -R on add and on set.
+Figures are printed as ops/s and ratios; rounds (7: there are eight contenders, and with 3 one
+disturbed round moved a median by 2x) rotate the order of the contenders and the median is
+reported. Targets: writer >= 1.0x ipvsadm -R on add and on set (issue 2); the bare
+adapter >= 1.5x the fastest pyroute2 way on add and on set, or gorb's codec goes (issue 10, rule 2).
 """
 
 from __future__ import annotations
@@ -124,13 +129,13 @@ class WriterProc:
 
 def bench_rates(services: int, per: int, rounds: int) -> dict:
     n = services * per
-    res: dict[str, list[float]] = {k: [] for k in
-                                   ("writer_add", "writer_set", "ipvsadm_add", "ipvsadm_set",
-                                    "adapter_add", "adapter_set", "engine_add", "engine_set")}
+    contenders = ["writer", "ipvsadm", "engine", "adapter", *PYROUTE2]
+    res: dict[str, list[float]] = {f"{who}_{verb}": [] for who in contenders
+                                   for verb in ("add", "set")}
     batches: list[dict] = []
     for r in range(rounds):
-        order = ["writer", "ipvsadm", "engine", "adapter"]
-        order = order[r % 4:] + order[:r % 4]
+        k = r % len(contenders)
+        order = contenders[k:] + contenders[:k]
         for who in order:
             ns = Netns(f"bench{who}{r}")
             work = Path(tempfile.mkdtemp(prefix="gb", dir="/tmp"))
@@ -158,10 +163,14 @@ def bench_rates(services: int, per: int, rounds: int) -> dict:
                     add_s, set_s = engine_run(ns.name, services, per, work)
                     res["engine_add"].append(n / add_s)
                     res["engine_set"].append(n / set_s)
-                else:
+                elif who == "adapter":
                     add_s, set_s = adapter_run(ns.name, services, per)
                     res["adapter_add"].append(n / add_s)
                     res["adapter_set"].append(n / set_s)
+                else:
+                    add_s, set_s = pyroute2_run(ns.name, PYROUTE2[who], services, per)
+                    res[f"{who}_add"].append(n / add_s)
+                    res[f"{who}_set"].append(n / set_s)
             finally:
                 ns.close()
                 shutil.rmtree(work, ignore_errors=True)
@@ -171,6 +180,12 @@ def bench_rates(services: int, per: int, rounds: int) -> dict:
             "ratio_set": med["engine_set"] / med["ipvsadm_set"],
             "ratio_bus_add": med["writer_add"] / med["ipvsadm_add"],
             "ratio_bus_set": med["writer_set"] / med["ipvsadm_set"],
+            "codec_vs_pyroute2": {verb: {who: med[f"adapter_{verb}"] / med[f"{who}_{verb}"]
+                                         for who in PYROUTE2} for verb in ("add", "set")},
+            # per round, the bare adapter over the fastest pyroute2 way of that round
+            "codec_vs_best_pyroute2_by_round": {
+                verb: [res[f"adapter_{verb}"][r] / max(res[f"{who}_{verb}"][r] for who in PYROUTE2)
+                       for r in range(rounds)] for verb in ("add", "set")},
             "all": res, "writer_batches": batches}
 
 
@@ -239,6 +254,34 @@ def adapter_run(ns: str, services: int, per: int) -> tuple[float, float]:
     return a, b
 
 
+# pyroute2's IPVS API doing the adapter's ops (tests/bench/pyroute2_ipvs.py): contender -> mode
+# (the adapter with pyroute2's encoder first: it runs right after the bare adapter in a round)
+PYROUTE2 = {"adapter_pyroute2": "adapter", "pyroute2_batch": "batch",
+            "pyroute2_async": "async", "pyroute2_api": "api"}
+PYROUTE2_LABELS = {
+    "adapter_pyroute2": "Kernel.apply with pyroute2's encoder",
+    "pyroute2_batch": "pyroute2 nlm_request_batch (256 per send)",
+    "pyroute2_async": "pyroute2 AsyncIPVS.dest, 256 in flight",
+    "pyroute2_api": "pyroute2 IPVS.dest, one per round trip",
+}
+
+
+def pyroute2_run(ns: str, mode: str, services: int, per: int) -> tuple[float, float]:
+    """Seconds for pyroute2 (``mode``, see pyroute2_ipvs) to add, then set, the dests in ``ns``."""
+    out = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-m", "tests.bench.pyroute2_ipvs",
+                          mode, str(services), str(per)],
+                         stdout=subprocess.PIPE, text=True, check=True, cwd=REPO).stdout
+    a, b = json.loads(out.splitlines()[-1])
+    return a, b
+
+
+def encode_micro(messages: int) -> dict:
+    """Encode-only µs per message, gorb's codec against pyroute2's (no kernel, own process)."""
+    out = subprocess.run([sys.executable, "-m", "tests.bench.pyroute2_ipvs", "micro",
+                          str(messages)], capture_output=True, text=True, check=True, cwd=REPO).stdout
+    return json.loads(out.splitlines()[-1])
+
+
 def bench_converge(services: int, per: int) -> dict:
     n = services * (per + 1)
     records = {}
@@ -293,12 +336,21 @@ def bench_converge(services: int, per: int) -> dict:
 
 def main() -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--services", type=int, default=10)
     p.add_argument("--per", type=int, default=200)
     p.add_argument("--converge-services", type=int, default=1000)
     p.add_argument("--converge-per", type=int, default=10)
+    p.add_argument("--micro-messages", type=int, default=2000)
     a = p.parse_args()
+    micro = encode_micro(a.micro_messages)
+    us = micro["us_per_message"]
+    print(f"(micro) encode only, {micro['messages']} dest messages (add + set), median of "
+          f"{micro['repeats']} passes (µs/message): gorb codec {us['gorb']:.1f} | pyroute2 from "
+          f"values (IPVSDest + dump_key/dump_nla + encode) {us['pyroute2']:.1f} "
+          f"({micro['ratio_to_gorb']['pyroute2']:.0f}x) | pyroute2 ipvsmsg.encode() alone "
+          f"{us['pyroute2_encode']:.1f} ({micro['ratio_to_gorb']['pyroute2_encode']:.0f}x); "
+          f"ratios: median of each pass's")
     rates = bench_rates(a.services, a.per, a.rounds)
     m = rates["ops_per_s"]
     print(f"(a) {rates['entries']} dests, median of {rates['rounds']} rounds (ops/s):")
@@ -307,6 +359,9 @@ def main() -> int:
               f" ({rates['ratio_' + verb]:.2f}x) | writer over the bus, client in the same guest "
               f"{m['writer_' + verb]:.0f} ({rates['ratio_bus_' + verb]:.2f}x) | bare adapter "
               f"{m['adapter_' + verb]:.0f}")
+        for who, label in PYROUTE2_LABELS.items():
+            print(f"        {label}: {m[f'{who}_{verb}']:.0f} (bare adapter / this = "
+                  f"{rates['codec_vs_pyroute2'][verb][who]:.2f}x)")
     for b in rates["writer_batches"]:
         print(f"    writer grouped {b['batches']} batches of {b['mean_size']:.0f} requests on average; "
               f"{b['persist_ms']} ms persisting, {b['apply_ms']} ms planning+applying")
@@ -320,9 +375,16 @@ def main() -> int:
     print(f"    ipvsadm -R of the same set:           {conv['ipvsadm_restore_s']:.2f} s")
     print(f"    ipvsadm time / writer start->ready (empty kernel) = "
           f"{conv['ratio_start_to_ready_vs_ipvsadm']:.2f}x")
-    print(json.dumps({"rates": rates, "converge": conv}, default=str))
+    print(json.dumps({"micro": micro, "rates": rates, "converge": conv}, default=str))
     ok = rates["ratio_add"] >= 1.0 and rates["ratio_set"] >= 1.0
     print("target writer engine >= 1.0x ipvsadm -R on add and set:", "MET" if ok else "NOT MET")
+    worst = {verb: min(v.values()) for verb, v in rates["codec_vs_pyroute2"].items()}
+    ok = all(x >= 1.5 for x in worst.values())
+    print(f"rule 2: bare adapter >= 1.5x the fastest pyroute2 way on add and set "
+          f"({worst['add']:.2f}x / {worst['set']:.2f}x; by round, over that round's fastest: "
+          + " / ".join(", ".join(f"{x:.2f}" for x in rates["codec_vs_best_pyroute2_by_round"][v])
+                       for v in ("add", "set")) + "):",
+          "MET (keep the codec)" if ok else "NOT MET (pyroute2's encoder would do)")
     return 0
 
 
