@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import deque
 from pathlib import Path
 
 import msgspec
@@ -109,15 +110,24 @@ class WriterProc:
             except TransportTimeout:
                 pass
 
-    def pipelined(self, requests: list[tuple[str, dict]]) -> float:
+    def pipelined(self, requests: list[tuple[str, dict]], window: int = 800) -> float:
+        """Seconds to have every request answered, ``window`` of them in flight (below the
+        sockets' high-water mark of 1,000: past it the writer's ROUTER drops replies)."""
         assert self.client is not None
         t = time.perf_counter()
-        ids = [self.client.send(type_, body) for type_, body in requests]
-        for i in ids:
-            reply = self.client.recv_reply(i, timeout=120)
-            if not reply["ok"]:
-                raise SystemExit(f"writer refused a request: {reply}")
+        inflight: deque[str] = deque()
+        for type_, body in requests:
+            if len(inflight) >= window:
+                self._answered(inflight.popleft())
+            inflight.append(self.client.send(type_, body))
+        while inflight:
+            self._answered(inflight.popleft())
         return time.perf_counter() - t
+
+    def _answered(self, req_id: str) -> None:
+        reply = self.client.recv_reply(req_id, timeout=120)
+        if not reply["ok"]:
+            raise SystemExit(f"writer refused a request: {reply}")
 
     def stop(self) -> None:
         if self.client:
