@@ -90,6 +90,7 @@ class WriterSection(msgspec.Struct, forbid_unknown_fields=True):
     flush: bool = False                 # GORB -f: flush all IPVS services at start
     reconcile_interval: float = 10.0    # seconds between drift repairs
     max_batch: int = 1000               # most requests group-committed at once
+    journal_max_bytes: int = 8 << 20    # compact the state journal past max(this, the snapshot)
 
 
 class PulseSection(msgspec.Struct, forbid_unknown_fields=True):
@@ -195,6 +196,8 @@ def _check(cfg: Config) -> None:
         raise ConfigError("pulse.workers must be at least 1")
     if cfg.writer.reconcile_interval <= 0:
         raise ConfigError("writer.reconcile_interval must be positive")
+    if cfg.writer.journal_max_bytes < 0:
+        raise ConfigError("writer.journal_max_bytes must not be negative")
     if cfg.api.idle_timeout <= 0:
         raise ConfigError("api.idle_timeout must be positive")
     if cfg.api.max_connections < 1:

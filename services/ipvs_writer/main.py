@@ -57,8 +57,9 @@ def main(argv: list[str] | None = None, kernel_factory: Callable[[], Any] = Kern
     cfg, restore_previous = parse_args(argv)
     logs.setup(cfg.gorb.log_level)
     path = Path(cfg.writer.state_file)
+    store = state.Store(path, cfg.writer.journal_max_bytes)
     try:
-        services = state.load(path, restore_previous=restore_previous)
+        services = store.open(restore_previous=restore_previous)
         runtime.ensure_runtime_dir(cfg.gorb.runtime_dir)
         kernel = kernel_factory()
     except (state.StateFileError, ValueError, runtime.RuntimeDirError) as exc:
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None, kernel_factory: Callable[[], Any] = Kern
         found = device_addresses(cfg.writer.device)
         return found[0] if found else ""
 
-    engine = Engine(services, kernel, lambda s: state.save(path, s), default_address)
+    engine = Engine(services, kernel, store, default_address)
     ops, failures = engine.start(flush=cfg.writer.flush)
     log.info("started with %d service(s) from %s; converged with %d op(s), %d failed",
              len(services), path, ops, len(failures))
@@ -97,6 +98,7 @@ def main(argv: list[str] | None = None, kernel_factory: Callable[[], Any] = Kern
     finally:
         loop.close()
         kernel.close()
+        store.close()
     return 0
 
 
