@@ -316,20 +316,26 @@ def _encoded(record: ServiceRecord) -> bytes:
     return cached
 
 
-def encode(services: Services, generation: int | None = None) -> bytes:
-    """A snapshot's content: ``StateDocument(STATE_VERSION, services, generation)`` as JSON."""
+def _parts(services: Services, generation: int | None = None) -> list[bytes]:
+    """A snapshot's content in pieces: each record's JSON as it is cached, not copied."""
     gen = b"" if generation is None else b'"generation":%d,' % generation
     parts = [b'{"version":%d,%s"services":{' % (STATE_VERSION, gen)]
     for i, (vsid, record) in enumerate(services.items()):
-        parts.append(b"%s%s:%s" % (b"," if i else b"", msgspec.json.encode(vsid),
-                                   _encoded(record)))
+        parts.append(b"%s%s:" % (b"," if i else b"", msgspec.json.encode(vsid)))
+        parts.append(_encoded(record))
     parts.append(b"}}")
-    return b"".join(parts)
+    return parts
 
 
-def _write_file(path: Path, data: bytes) -> None:
-    """Write ``data`` as ``path`` (created or truncated) and fsync it; a parent directory that
-    is missing is created."""
+def encode(services: Services, generation: int | None = None) -> bytes:
+    """A snapshot's content: ``StateDocument(STATE_VERSION, services, generation)`` as JSON."""
+    return b"".join(_parts(services, generation))
+
+
+def _write_file(path: Path, data: bytes | list[bytes]) -> None:
+    """Write ``data`` (or its pieces, with ``writev``: a compaction then never holds the GIL
+    for a copy of the whole snapshot) as ``path``, created or truncated, and fsync it; a parent
+    directory that is missing is created."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
     try:
         fd = os.open(path, flags, 0o644)
@@ -337,12 +343,21 @@ def _write_file(path: Path, data: bytes) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, flags, 0o644)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
+        for i in range(0, len(data), 512) if isinstance(data, list) else ():
+            chunk = data[i:i + 512]
+            done = os.writev(fd, chunk)
+            if done < sum(map(len, chunk)):  # short (rare on a file): the rest by write
+                _write_all(fd, memoryview(b"".join(chunk))[done:])
+        if not isinstance(data, list):
+            _write_all(fd, memoryview(data))
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _write_all(fd: int, view: memoryview) -> None:
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def _sync_dir(path: Path) -> None:
@@ -387,7 +402,7 @@ def _link(src: Path, dst: Path) -> None:
 
 def _write_previous(path: Path, previous: Services) -> None:
     prev = previous_path(path)
-    _write_file(_tmp(prev), encode(previous))
+    _write_file(_tmp(prev), _parts(previous))
     os.replace(_tmp(prev), prev)
 
 
@@ -399,7 +414,7 @@ def write_pair(path: Path, services: Services, generation: int,
     jtmp = _tmp(journal_path(path))
     try:
         _write_file(jtmp, journal.header(generation))
-        _write_file(_tmp(path), encode(services, generation))
+        _write_file(_tmp(path), _parts(services, generation))
         if previous is not None:
             _write_previous(path, previous)
         os.replace(_tmp(path), path)
@@ -575,7 +590,7 @@ class Store:
 
     def _compact(self, services: Services, previous: Services | None, generation: int) -> None:
         try:
-            _write_file(_tmp(self.path), encode(services, generation))
+            _write_file(_tmp(self.path), _parts(services, generation))
             if previous is not None:
                 _write_previous(self.path, previous)
             os.replace(_tmp(self.path), self.path)

@@ -287,12 +287,15 @@ class Recorder:
 
         def call(*args, **kwargs):
             self.record()
-            if name in ("write", "pwrite"):  # and torn: part of it on disk
-                for part in (1, 13, len(args[1]) // 2):
-                    real(args[0], bytes(args[1][:part]), *args[2:])
-                    self.record()
-                    if name == "write":
+            if name in ("write", "pwrite", "writev"):  # and torn: part of it on disk
+                data = b"".join(args[1]) if name == "writev" else bytes(args[1])
+                for part in (1, 13, len(data) // 2):
+                    if name == "pwrite":
+                        os.pwrite(args[0], data[:part], args[2])
+                    else:
+                        os.write(args[0], data[:part])
                         os.lseek(args[0], -part, os.SEEK_CUR)
+                    self.record()
             return real(*args, **kwargs)
         return call
 
