@@ -19,11 +19,11 @@ Files (``<file>`` is ``writer.state_file``, default ``/var/lib/gorb/state.json``
   whatever the size of the table (``Store``).
 - ``<file>.journal.next``: only while a compaction runs: the journal of the next generation,
   which takes the commits while the snapshot of that generation is written in the background.
-- ``<file>.prev``: a whole state (no generation, no journal): the state before the last commit,
-  as of the last time a snapshot was written (compaction, a clean stop, a restart that had to
-  rewrite). After a clean stop it is exactly the state before the last commit, as it always was
-  with the whole-file save (which hard-links the former file there). It is what
-  ``--restore-previous`` starts from.
+- ``<file>.prev``: a whole state, read without any journal: after a clean stop (and after a
+  snapshot written because an append failed), the state before the last commit, as it always
+  was with the whole-file save (which hard-links the former file there); after a compaction,
+  the snapshot it replaced (a hard link: a compaction writes one snapshot, not two), which is
+  the state at the compaction before. It is what ``--restore-previous`` starts from.
 
 Loading (``read_state``): the snapshot of generation g, then each journal file whose header says
 g (``.journal``, then ``.journal.next``; ``.journal.next`` may also say g + 1: a compaction had
@@ -46,8 +46,9 @@ and what a crash right after it leaves (every state loads the last committed sta
 - append a record: a torn record at the end, dropped at load (its batch was never answered);
 - start a compaction (at the commit whose record takes the journal past its limit, after that
   record is durable): ``.journal.next`` of generation g + 1 created: g + journal g + next g + 1;
-- (background) write ``<file>.prev``, then rename the snapshot of g + 1 (the state as the
-  journal of g ends) into place: g + 1, journal g skipped as contained, next g + 1 replayed;
+- (background) write the snapshot of g + 1 (the state as the journal of g ends), link the
+  snapshot of g as ``<file>.prev``, rename the new one into place: g + 1, journal g skipped as
+  contained, next g + 1 replayed;
 - (background) rename ``.journal.next`` over ``.journal``: g + 1 + journal g + 1.
 - ``write_pair`` (first start, a restart after a crash or with an old file, a failed append,
   a clean stop): empty journal of generation h (higher than any on disk), ``<file>.prev``,
@@ -63,6 +64,8 @@ import os
 import threading
 import time
 from dataclasses import dataclass
+from itertools import compress
+from operator import is_not
 from pathlib import Path
 from typing import TypeVar
 
@@ -430,9 +433,14 @@ def write_pair(path: Path, services: Services, generation: int,
 
 def changes(old: Services, new: Services) -> tuple[list[tuple[str, ServiceRecord]], list[str]]:
     """The services of ``new`` that are not those of ``old`` (records are immutable: identity
-    says it), and those ``old`` has and ``new`` has not."""
-    put = [(vsid, r) for vsid, r in new.items() if old.get(vsid) is not r]
-    return put, [vsid for vsid in old.keys() - new.keys()]
+    says it), and those ``old`` has and ``new`` has not. Compared in C (``map``/``compress``):
+    at 1,000 services a Python loop was a tenth of a commit's CPU."""
+    put = [(vsid, new[vsid]) for vsid in compress(new, map(is_not, new.values(),
+                                                           map(old.get, new)))]
+    added = sum(vsid not in old for vsid, _ in put)
+    if len(old) + added == len(new):
+        return put, []  # nothing deleted (nearly every commit): no set difference to build
+    return put, list(old.keys() - new.keys())
 
 
 class Store:
@@ -578,7 +586,7 @@ class Store:
             self._retry_at = self._end + max(self.journal_max_bytes, self._snapshot_bytes) // 4
             return
         self._generation, self._retry_at = generation, 0
-        args = (self._saved, self._previous, generation)
+        args = (self._saved, generation)
         self._compact_error = None
         if not self.background:
             self._compact(*args)
@@ -588,11 +596,14 @@ class Store:
                                            name="state-compaction")
         self._compactor.start()
 
-    def _compact(self, services: Services, previous: Services | None, generation: int) -> None:
+    def _compact(self, services: Services, generation: int) -> None:
+        """The snapshot of ``generation``; the one it replaces becomes ``.prev`` (a link: a
+        compaction writes one snapshot's worth, not two)."""
         try:
             _write_file(_tmp(self.path), _parts(services, generation))
-            if previous is not None:
-                _write_previous(self.path, previous)
+            prev_tmp = _tmp(previous_path(self.path))
+            _link(self.path, prev_tmp)
+            os.replace(prev_tmp, previous_path(self.path))
             os.replace(_tmp(self.path), self.path)
             _sync_dir(self.path)
             os.replace(next_journal_path(self.path), journal_path(self.path))

@@ -216,10 +216,12 @@ def test_compaction_writes_a_new_snapshot_and_an_empty_journal(tmp_path):
         assert load(path) == s
         assert not next_journal_path(path).exists()  # done in the call: nothing in flight
     assert state.read_state(path).generation > 3
-    # The last compaction's snapshot is a whole state, .prev the one before its last commit.
+    # The last compaction's snapshot is a whole state, .prev the snapshot it replaced.
     doc = msgspec.json.decode(path.read_bytes(), type=state.StateDocument)
     assert doc.services in seq and doc.generation == state.read_state(path).generation
-    assert seq.index(load(previous_path(path))) == seq.index(doc.services) - 1
+    prev = msgspec.json.decode(previous_path(path).read_bytes(), type=state.StateDocument)
+    assert prev.generation == doc.generation - 1
+    assert seq.index(prev.services) < seq.index(doc.services)
 
 
 def test_background_compaction_keeps_every_commit(tmp_path):
@@ -475,3 +477,14 @@ def test_the_engine_over_a_real_state_directory(tmp_path, monkeypatch):
     assert again.open() == engine.services
     assert engine.services["web"].backends["b1"].options.weight == 9
     assert engine.services["web"].backends["b0"].options.weight == 100
+
+
+@pytest.mark.parametrize("new_keys", [["a", "b", "c"], ["a", "c"], ["a", "b", "c", "d"],
+                                      ["d"], [], ["b", "d", "e"]])
+def test_changes_are_the_services_replaced_added_and_deleted(new_keys):
+    old = {k: service(1, vip=i + 1) for i, k in enumerate("abc")}
+    new = {k: old[k] if k in old and k != "b" else service(2, vip=9) for k in new_keys}
+    put, delete = state.changes(old, new)
+    assert sorted(v for v, _ in put) == sorted(k for k in new_keys if k not in old or k == "b")
+    assert all(new[v] is r for v, r in put)
+    assert sorted(delete) == sorted(set(old) - set(new_keys))
