@@ -90,7 +90,7 @@ class WriterSection(msgspec.Struct, forbid_unknown_fields=True):
     flush: bool = False                 # GORB -f: flush all IPVS services at start
     reconcile_interval: float = 10.0    # seconds between drift repairs
     max_batch: int = 1000               # most requests group-committed at once
-    journal_max_bytes: int = 8 << 20    # compact the state journal past max(this, the snapshot)
+    journal_max_bytes: int = 1 << 20    # compact the state journal past max(this, snapshot / 2)
 
 
 class PulseSection(msgspec.Struct, forbid_unknown_fields=True):

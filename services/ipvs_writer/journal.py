@@ -57,7 +57,7 @@ class JournalCorrupt(ValueError):
 
 @dataclass(frozen=True)
 class Scan:
-    payloads: list[bytes]  # the whole records' payloads, in order (the header's first)
+    payloads: list[memoryview]  # the whole records' payloads, in order (the header's first)
     offsets: list[int]  # where each of them starts
     end: int  # the offset after the last whole record: where the next record goes
     torn: str | None = None  # why the bytes from ``end`` on were dropped; None: there were none
@@ -87,7 +87,7 @@ def frame(payload: bytes) -> bytes:
     return head + payload + bytes(_aligned(_HEAD.size + len(payload)) - _HEAD.size - len(payload))
 
 
-def _record_at(data: bytes, offset: int) -> tuple[bytes, int] | str:
+def _record_at(data: memoryview, offset: int) -> tuple[memoryview, int] | str:
     """The payload of the record at ``offset`` and the offset of the next one, or why there is
     no whole record there."""
     if len(data) - offset < _HEAD.size:
@@ -105,8 +105,11 @@ def _record_at(data: bytes, offset: int) -> tuple[bytes, int] | str:
 
 
 def scan(data: bytes) -> Scan:
-    """The whole records of ``data``; raises JournalCorrupt for a damaged one in the middle."""
-    payloads: list[bytes] = []
+    """The whole records of ``data``; raises JournalCorrupt for a damaged one in the middle.
+    The payloads are views into ``data`` (at 100,000 backends a full journal is 30 MB: copying
+    it record by record was a tenth of a restart)."""
+    data = memoryview(data)
+    payloads: list[memoryview] = []
     offsets: list[int] = []
     offset = 0
     while offset < len(data):

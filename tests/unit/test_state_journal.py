@@ -209,7 +209,7 @@ def test_a_journal_of_a_later_generation_than_its_snapshot_refuses(tmp_path):
 def test_compaction_writes_a_new_snapshot_and_an_empty_journal(tmp_path):
     path = tmp_path / "state.json"
     seq = states()
-    store = Store(path, journal_max_bytes=0, background=False)  # past the snapshot's size
+    store = Store(path, journal_max_bytes=0, background=False)  # past half the snapshot
     store.open()
     for s in seq[1:]:
         store(s)
