@@ -20,10 +20,11 @@ service's JSON is encoded once per (immutable) record and shared by the journal 
 snapshot, and an operator can read a record with ``strings``.
 
 Why 4 KiB blocks: a record never shares a block with an earlier one, so (1) an append always
-needs new space: a full file system refuses every commit, never only those that happen not to
-fit in the slack of the last block (what the whole-file save did, and what the writer's
-errno ``state`` promises), and a torn write cannot touch an earlier record's block; (2) telling
-a torn last record from a damaged one in the middle needs to look at block boundaries only.
+needs new space: as with the whole-file save, a full file system refuses every commit (errno
+``state``), not only those that happen not to fit in the slack of the last block, and a torn
+write cannot touch an earlier record's block; (2) telling a torn last record from a damaged
+one in the middle needs to look at block boundaries only. The cost: a commit of a small
+service writes 4 KiB, which the file system would write as a whole block anyway.
 
 Reading (``scan``): records are taken in order while they are whole (header, length within the
 data, checksum). At the first one that is not: if a whole record follows it at a later block
