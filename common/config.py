@@ -94,6 +94,7 @@ class WriterSection(msgspec.Struct, forbid_unknown_fields=True):
                                         # then the writer exits 70 (restarted, adopts the table)
     stats_interval: float = 1.0         # seconds between the statistics snapshots read by GET
                                         # and /metrics (dumped off the write path, while read)
+    journal_max_bytes: int = 1 << 20    # compact the state journal past max(this, snapshot / 2)
 
 
 class PulseSection(msgspec.Struct, forbid_unknown_fields=True):
@@ -214,6 +215,8 @@ def _check(cfg: Config) -> None:
         raise ConfigError("writer.max_batch must be at least 1")
     if not cfg.api.writer_timeout > 0:
         raise ConfigError("api.writer_timeout must be positive")
+    if cfg.writer.journal_max_bytes < 0:
+        raise ConfigError("writer.journal_max_bytes must not be negative")
     if cfg.api.idle_timeout <= 0:
         raise ConfigError("api.idle_timeout must be positive")
     if cfg.api.max_connections < 1:

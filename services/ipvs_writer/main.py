@@ -76,7 +76,8 @@ def start_engine(cfg: config.Config, restore_previous: bool,
     (``reader_kernel(cfg, kernel)`` makes the reader's adapter: by default a second one like
     ``kernel_factory``'s); raises what ``main`` maps to exit codes."""
     path = Path(cfg.writer.state_file)
-    services = state.load(path, restore_previous=restore_previous)
+    store = state.Store(path, cfg.writer.journal_max_bytes)
+    services = store.open(restore_previous=restore_previous)
     runtime.ensure_runtime_dir(cfg.gorb.runtime_dir)
     kernel = kernel_factory(cfg)
     reader_kernel = reader_kernel or (lambda c, _k: kernel_factory(c))
@@ -86,8 +87,7 @@ def start_engine(cfg: config.Config, restore_previous: bool,
         found = device_addresses(cfg.writer.device)
         return found[0] if found else ""
 
-    engine = Engine(services, kernel, lambda s: state.save(path, s), default_address,
-                    snapshots=snapshots)
+    engine = Engine(services, kernel, store, default_address, snapshots=snapshots)
     ops, failures = engine.start(flush=cfg.writer.flush)
     log.info("started with %d service(s) from %s; converged with %d op(s), %d failed",
              len(services), path, ops, len(failures))
@@ -149,6 +149,7 @@ def run(loop: WriterLoop, kernel: Any) -> int:
         if loop.engine.snapshots is not None:
             loop.engine.snapshots.close()
         kernel.close()
+        loop.engine.persist.close()  # the state.Store: a clean stop leaves the whole state
     return 0
 
 

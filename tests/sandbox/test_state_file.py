@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 
 from tests.sandbox.conftest import sh
 from tests.sandbox.test_kinds import create, last_start, listing, services
@@ -144,3 +145,43 @@ def test_a_full_file_system_refuses_changes_and_leaves_kernel_and_writer_alone(w
     finally:
         w.stop()
         sh(f"umount {state_dir}", check=False)
+
+
+def test_the_journal_survives_sigkill_a_torn_record_and_compactions(writer_factory):
+    """With the journal limit at 0 (compaction whenever the journal outgrows the snapshot), a run
+    of commits compacts in the background several times; a SIGKILL, then a torn record at the
+    end of the journal (a crash mid-append): the restarted writer drops that record with a log
+    line and has every answered commit, the kernel entry for entry."""
+    w = writer_factory(reconcile=60.0, start=False)
+    w.workdir.joinpath("gorb.toml").write_text("[writer]\njournal_max_bytes = 0\n")
+    w.extra_args = ["--config", str(w.workdir / "gorb.toml")]
+    w.start()
+    create(w, "web", {"host": "10.77.0.1", "port": 80},
+           {f"b{i}": {"host": f"10.77.1.{i + 1}", "port": 8080} for i in range(20)})
+    for i in range(40):
+        w.must("backend.update", {"service": "web", "backend": f"b{i % 20}", "weight": i + 1})
+    view = w.must("service.get", {"service": "web"})["data"]
+    kernel = services(w.ns)
+    assert kernel["TCP 10.77.0.1:80"][1]["10.77.1.20:8080"] == ("Masq", 40)
+    # (A compaction still running would have the commits in .journal.next: let it finish, so
+    # that the torn record below lands in the journal the restart appends to.)
+    deadline = time.monotonic() + 10
+    while w.state_file.with_name("state.json.journal.next").exists():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert w.kill() == -9
+    w.stop()
+    assert json.loads(w.state_file.read_bytes())["generation"] > 2  # compactions ran
+    journal = w.state_file.with_name("state.json.journal")
+    with open(journal, "ab") as f:  # an append a crash cut short
+        f.write(b"GJr1\x00\x10\x00\x00\x12\x34\x56\x78" + b'{"put":{"web":{"opt')
+    w.start()
+    assert last_start(w) == (1, 0, 0)
+    assert "dropped a torn last record" in w.log.read_text()
+    assert w.must("service.get", {"service": "web"})["data"] == view
+    assert services(w.ns) == kernel
+    w.must("backend.update", {"service": "web", "backend": "b0", "weight": 7})
+    w.stop()  # a clean stop: the whole state in the snapshot, the journal empty
+    saved = json.loads(w.state_file.read_bytes())["services"]
+    assert saved["web"]["backends"]["b0"]["options"]["weight"] == 7
+    assert journal.stat().st_size == 4096

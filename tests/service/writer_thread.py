@@ -34,8 +34,9 @@ class WriterThread:
     def start(self) -> None:
         self.ctx = zmq.Context()
         path = self.state_file
-        services = state.load(path) if path is not None else {}
-        persist = (lambda s: state.save(path, s)) if path is not None else (lambda s: None)
+        self.store = state.Store(path) if path is not None else None
+        services = self.store.open() if self.store is not None else {}
+        persist = self.store if self.store is not None else (lambda s: None)
         self.engine = Engine(services, self.kernel, persist, lambda: self.default_address)
         self.engine.start()  # the first ``applied`` batch: the kernel as the state file has it
         self.loop = WriterLoop(self.engine, self.ctx, self.rundir, self.reconcile_interval)
@@ -60,6 +61,8 @@ class WriterThread:
         assert not self.thread.is_alive(), "the writer loop did not stop"
         self.loop.close()
         self.ctx.destroy(linger=0)
+        if self.store is not None:
+            self.store.close()
         assert self.error is None, self.error
 
     def restart(self) -> None:
