@@ -39,6 +39,7 @@ from gorb.common.validation import (
     validate_service,
     validate_weight,
 )
+from gorb.services.ipvs_writer.metric_rows import MetricRowsBuilder
 from gorb.services.ipvs_writer.reader import Snapshots
 from gorb.services.ipvs_writer.state import BackendRecord, ServiceRecord, Services, endpoints
 from gorb.common.pulse_messages import HealthResults, Outcome, TargetsChanged
@@ -388,6 +389,8 @@ class Engine:
         self.clock = clock
         self.foreign = 0  # kernel services gorb does not own, as of the last converge
         self.observed: dict[Member, Outcome] = {}  # the last check of each backend (memory only)
+        self.observed_version = 0  # changes whenever ``observed`` does
+        self.metric_rows = MetricRowsBuilder(held)
         self._targets: dict[str, TargetGroup] | None = None  # cache; None = to be rebuilt
         self.targets_changed = False  # set when a mutation changed check targets: see
         self.changed_shards: set[int] | None = set()  # their shards of pulse_workers; None: all
@@ -508,6 +511,7 @@ class Engine:
                                        if self.pulse_workers else None)
 
     def _forget_observed(self, before: Services, services: Services, touched: set[str]) -> None:
+        self.observed_version += 1
         for vsid in touched:  # a re-created backend must not show a stale check
             was, now = before.get(vsid), services.get(vsid)
             if was is None or (now is not None and now.backends is was.backends):
@@ -545,6 +549,7 @@ class Engine:
         draft = Draft(self.services)
         touched: set[str] = set()
         events: list[Event] = []
+        self.observed_version += 1
         for body in bodies:
             try:
                 msg = msgspec.convert(body, HealthResults)
@@ -674,6 +679,10 @@ class Engine:
                     raise errors.invalid("worker must be in [0, workers)")
                 self.pulse_workers = req.workers
                 return messages.ok({"targets": self.pulse_targets(req.worker, req.workers)})
+            if type_ == "metrics.rows":
+                return messages.ok(self.metric_rows.rows(
+                    self.services, self._live_table(), self.observed, self.observed_version,
+                    req.generation))
             if type_ == "state.dump":
                 live = self._live_table() if req.stats else {}
                 return messages.ok({"services": {
