@@ -98,7 +98,8 @@ def main(argv: list[str] | None = None, resolve: Resolver = resolve_host) -> int
     discovery = None  # without a store the /store routes answer 404 without asking discovery
     if cfg.discovery.kv_prefix or cfg.discovery.store_dir:
         discovery = DiscoveryClient(ctx, store_messages.endpoint(cfg.gorb.runtime_dir))
-    _, wsgi = build(client, resolve, discovery=discovery, tokens=tokens, audit_file=audit_file)
+    _, wsgi = build(client, resolve, discovery=discovery, tokens=tokens, audit_file=audit_file,
+                    metrics_ttl=cfg.writer.stats_interval)
     server = Server(config.parse_listen(cfg.api.listen), wsgi, cfg.api.idle_timeout,
                     cfg.api.max_connections, tls=tls)
     try:
