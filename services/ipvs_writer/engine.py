@@ -39,6 +39,7 @@ from gorb.common.validation import (
     validate_service,
     validate_weight,
 )
+from gorb.services.ipvs_writer import metric_rows
 from gorb.services.ipvs_writer.metric_rows import MetricRowsBuilder
 from gorb.services.ipvs_writer.reader import Snapshots
 from gorb.services.ipvs_writer.state import BackendRecord, ServiceRecord, Services, endpoints
@@ -212,16 +213,37 @@ def backend_view(vsid: str, rsid: str, b: BackendRecord, record: ServiceRecord,
     if live is not None:
         kd = live.dests.get((b.address, b.options.port))
     return {
+        **_backend_static(vsid, rsid, b, record),
+        "check": None if observed is None else msgspec.to_builtins(observed),
+        "kernel": None if kd is None else {"weight": kd.weight, "fwd": kd.fwd, "stats": kd.stats},
+    }
+
+
+def _backend_static(vsid: str, rsid: str, b: BackendRecord, record: ServiceRecord) -> dict:
+    """The part of ``backend_view`` that the records alone give, kept with the service record
+    (its private ``__dict__``) per backend record, so GET /service/<vs> of a large service
+    does not convert every backend's options at each read. Not kept under fail-open, where a
+    backend's weight and ``held_in`` depend on the others' health (and a draft may change the
+    backend map of its own records in place)."""
+    cache = None
+    if record.options.fail_open <= 0:
+        cache = record.__dict__.setdefault("_backend_views", {})
+        hit = cache.get(rsid)
+        if hit is not None and hit[0] is b:
+            return hit[1]
+    keep = rsid in held(record)
+    static = {
         "service": vsid,
         "backend": rsid,
         "options": msgspec.to_builtins(b.options),
         "pulse": msgspec.to_builtins(effective_pulse(record, b)),
         "address": b.address,
-        "weight": weight(b.options.weight, b.health, rsid in held(record)),
-        "health": {**msgspec.to_builtins(b.health), "held_in": rsid in held(record)},
-        "check": None if observed is None else msgspec.to_builtins(observed),
-        "kernel": None if kd is None else {"weight": kd.weight, "fwd": kd.fwd, "stats": kd.stats},
+        "weight": weight(b.options.weight, b.health, keep),
+        "health": {**msgspec.to_builtins(b.health), "held_in": keep},
     }
+    if cache is not None:
+        cache[rsid] = (b, static)
+    return static
 
 
 def _kservice_view(live: KService | None) -> dict | None:
@@ -511,14 +533,14 @@ class Engine:
                                        if self.pulse_workers else None)
 
     def _forget_observed(self, before: Services, services: Services, touched: set[str]) -> None:
-        self.observed_version += 1
         for vsid in touched:  # a re-created backend must not show a stale check
             was, now = before.get(vsid), services.get(vsid)
             if was is None or (now is not None and now.backends is was.backends):
                 continue
             for rsid in was.backends:
-                if now is None or rsid not in now.backends:
-                    self.observed.pop((vsid, rsid), None)
+                if (now is None or rsid not in now.backends) and (vsid, rsid) in self.observed:
+                    del self.observed[(vsid, rsid)]
+                    self.observed_version += 1
 
     def _note_targets_changed(self, shards: set[int] | None) -> None:
         self.targets_changed = True
@@ -680,9 +702,10 @@ class Engine:
                 self.pulse_workers = req.workers
                 return messages.ok({"targets": self.pulse_targets(req.worker, req.workers)})
             if type_ == "metrics.rows":
-                return messages.ok(self.metric_rows.rows(
-                    self.services, self._live_table(), self.observed, self.observed_version,
-                    req.generation))
+                rows = self.metric_rows.rows(self.services, self._live_table(), self.observed,
+                                             self.observed_version, req.generation)
+                # shallow: the columns are already plain lists (to_builtins would copy them)
+                return {**messages.ok(), "data": metric_rows.wire(rows)}
             if type_ == "state.dump":
                 live = self._live_table() if req.stats else {}
                 return messages.ok({"services": {

@@ -7,9 +7,10 @@ asker names the ``generation`` it holds) and the numbers as flat lists, one per 
 What does not depend on the kernel or on pulse's last results (labels, the weight the writer
 wants, the verdict) is computed once per ``ServiceRecord``: records are immutable and a commit
 replaces only the records it changed, so a weight PATCH rebuilds one service's entry. The
-columns of the kernel's counters and of the last checks are rebuilt when the statistics
-snapshot, the desired state or the observed checks changed (``observed_version``), else the last
-reply's columns are served again. Generations start at a random number, so that an asker holding
+columns of the kernel's counters and of the last checks are kept per service too, and rebuilt
+for a service when its entry in the statistics snapshot or the observed checks
+(``observed_version``) changed; a reply whose state, snapshot and checks are the last one's is
+the last one's columns again. Generations start at a random number, so that an asker holding
 the labels of a writer that has since restarted is sent the new ones. Rows are in the writer's order (services as created, each
 one's backends as created); the API sorts them once per generation.
 """
@@ -18,9 +19,12 @@ from __future__ import annotations
 
 import operator
 import random
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any
+
+import msgspec
 
 from gorb.common.messages import (
     METRIC_ROWS_SCHEMA,
@@ -50,6 +54,7 @@ class _Static:
     status: list[str]
     since: list[float]
     held_in: list[bool]
+    dynamic: _Dynamic | None = None  # the last kernel and check columns (``_dynamic``)
 
 
 def _static(vsid: str, record: ServiceRecord, held: set[str]) -> _Static:
@@ -90,7 +95,7 @@ class MetricRowsBuilder:
                 and last[2] == observed_version):
             service_stats, columns = last[3]
         else:
-            service_stats, columns = self._columns(parts, live, observed)
+            service_stats, columns = self._columns(parts, live, observed, observed_version)
             self._last = (services, live, observed_version, (service_stats, columns))
         return MetricRows(METRIC_ROWS_SCHEMA, self.generation,
                           None if known == self.generation else self._labels,
@@ -123,36 +128,71 @@ class MetricRowsBuilder:
 
     @staticmethod
     def _columns(parts: list[_Static], live: Mapping[SKey, KService],
-                 observed: Mapping[tuple[str, str], Outcome]
+                 observed: Mapping[tuple[str, str], Outcome], observed_version: int
                  ) -> tuple[dict[str, list], BackendColumns]:
         kservices = [live.get(p.key) for p in parts]
         service_stats = _transpose([k.stats if k is not None else None for k in kservices],
                                    SERVICE_COUNTERS)
-        kdests: list = []
-        for p, k in zip(parts, kservices):
-            if k is None:
-                kdests.extend([None] * len(p.dests))
-            else:
-                kdests.extend(map(k.dests.get, p.dests))
-        n = len(kdests)
-        checks = [observed.get(m) for p in parts for m in p.members] if observed else []
-        none = [None] * n
-        if not any(c is not None for c in checks):
-            at = ok = latency = health = passes = failures = none
-        else:
-            at, ok, latency, health, passes, failures = (
-                [getattr(c, name) if c is not None else None for c in checks]
-                for name in ("at", "ok", "latency", "health", "passes", "failures"))
+        dynamic = [_dynamic(p, k, observed, observed_version) for p, k in zip(parts, kservices)]
+
+        def joined(column: Callable[[Any], list]) -> list:
+            return list(chain.from_iterable(map(column, dynamic)))
+
+        def static(name: str) -> list:
+            return list(chain.from_iterable(getattr(p, name) for p in parts))
+
         return service_stats, BackendColumns(
-            weight=[w for p in parts for w in p.weight],
-            kernel_weight=[d.weight if d is not None else None for d in kdests],
-            status=[s for p in parts for s in p.status],
-            since=[s for p in parts for s in p.since],
-            held_in=[h for p in parts for h in p.held_in],
-            check_at=at, check_ok=ok, check_latency=latency, check_health=health,
-            check_passes=passes, check_failures=failures,
-            stats=_transpose([d.stats if d is not None else None for d in kdests],
-                             BACKEND_STATS))
+            weight=static("weight"), status=static("status"), since=static("since"),
+            held_in=static("held_in"),
+            kernel_weight=joined(lambda d: d.kernel_weight),
+            **{f"check_{name}": joined(lambda d, i=i: d.checks[i])
+               for i, name in enumerate(CHECK_FIELDS)},
+            stats={key: joined(lambda d, key=key: d.stats[key]) for key in BACKEND_STATS})
+
+
+def wire(rows: MetricRows) -> dict[str, Any]:
+    """``rows`` as msgpack-able builtins without copying its columns (``msgspec.to_builtins``
+    would copy every list)."""
+    labels = rows.labels
+    return {"schema": rows.schema, "generation": rows.generation,
+            "labels": None if labels is None else msgspec.structs.asdict(labels),
+            "service_stats": rows.service_stats,
+            "backends": msgspec.structs.asdict(rows.backends)}
+
+
+CHECK_FIELDS = ("at", "ok", "latency", "health", "passes", "failures")
+
+
+@dataclass
+class _Dynamic:
+    """One service's kernel and check columns, for one snapshot and one ``observed_version``."""
+    kservice: KService | None
+    observed_version: int
+    kernel_weight: list
+    checks: list[list]
+    stats: dict[str, list]
+
+
+def _dynamic(part: _Static, k: KService | None, observed: Mapping[tuple[str, str], Outcome],
+             observed_version: int) -> _Dynamic:
+    """``part``'s columns from the kernel entry ``k`` and the checks; the last ones again when
+    neither changed (a commit to another service, a snapshot that kept this service's entry)."""
+    last = part.dynamic
+    if last is not None and last.kservice is k and last.observed_version == observed_version:
+        return last
+    n = len(part.dests)
+    kdests = [None] * n if k is None else list(map(k.dests.get, part.dests))
+    checks = list(map(observed.get, part.members)) if observed else []
+    if any(c is not None for c in checks):
+        check_columns = [[getattr(c, name) if c is not None else None for c in checks]
+                         for name in CHECK_FIELDS]
+    else:
+        check_columns = [[None] * n] * len(CHECK_FIELDS)
+    part.dynamic = _Dynamic(
+        k, observed_version, [d.weight if d is not None else None for d in kdests],
+        check_columns,
+        _transpose([d.stats if d is not None else None for d in kdests], BACKEND_STATS))
+    return part.dynamic
 
 
 def _transpose(stats: list[dict | None], keys: tuple[str, ...]) -> dict[str, list]:
