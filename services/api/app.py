@@ -65,7 +65,11 @@ access_log = logging.getLogger("api.access")
 MAX_BODY = 1 << 20  # bytes; GORB had no limit (gorb-spec §8.22)
 JSON = "application/json"
 MSG_INTERNAL = "internal error"
-MSG_NO_ROUTE = "404 page not found"  # GORB's (gorilla/mux) text for an unknown path
+MSG_NO_ROUTE = "404 page not found"
+# Changes that add or remove /metrics series: a scrape after one never shows the old set.
+# Other changes (a weight, a service's options) show within the body's ttl (``metrics``).
+SERIES_CHANGES = frozenset({"service.create", "service.delete", "backend.create",
+                            "backend.delete"})  # GORB's (gorilla/mux) text for an unknown path
 
 
 class BodyTooLarge(Exception):
@@ -214,7 +218,8 @@ class Api:
         try:
             data = self._ask(type_, body)
         finally:
-            self.scrapes.invalidate()  # a scrape after a change shows it
+            if type_ in SERIES_CHANGES:
+                self.scrapes.invalidate()  # no scrape shows a deleted object, or misses a new one
         note(change=data.get("change") if isinstance(data, dict) else None)
 
     def _body(self) -> bytes:

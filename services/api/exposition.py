@@ -4,10 +4,11 @@ Pure (``now`` is passed in, no I/O). Three steps, each a function:
 
 - ``Layout(labels)``: per label generation (``gorb.common.messages.MetricRows``), the render order
   (services by name, each one's backends by name, as prometheus_client's output had them) and
-  the escaped label strings; the ``name{labels} `` prefix of each family's lines is made once
-  and kept while the generation lasts, i.e. while no service or backend is added, removed or
-  moved to another address. So is each family's last text with the column it came from: a
-  family whose values did not change since the last scrape is not written again.
+  the escaped, sorted label strings ``{host="…",…} `` of every row, made once and kept while the
+  generation lasts, i.e. while no service or backend is added, removed or moved to another
+  address (one string per row, shared by every family). So is each family's last text with the
+  column it came from: a family whose values did not change since the last scrape is not written
+  again.
 - ``values(rows, now)``: one column per family in the writer's row order (None: no sample),
   GORB's formulas as ``views.backend_metrics`` has them (status 1 only when down, health the
   share of recent checks passed or 1/0 before any check, uptime whole seconds while up, the
@@ -112,21 +113,18 @@ class Layout:
                               for j in sorted(range(starts[i], starts[i] + labels.sizes[i]),
                                               key=lambda j: labels.backends[j][1])]
         self._labels = {
-            SERVICE: [_label_string(SERVICE_LABELS, services[i]) for i in self.service_order],
-            BACKEND: [_label_string(BACKEND_LABELS, labels.backends[j])
+            SERVICE: [_label_string(SERVICE_LABELS, services[i]) + " "
+                      for i in self.service_order],
+            BACKEND: [_label_string(BACKEND_LABELS, labels.backends[j]) + " "
                       for j in self.backend_order]}
-        self._prefixes: dict[str, list[str]] = {}
-        self.texts: dict[str, tuple[list[Any], str]] = {}  # family -> (its column, its text)
+        self.texts: dict[str, tuple[list[Any], bytes]] = {}  # family -> (its column, its text)
 
     def order(self, rows: str) -> list[int]:
         return self.service_order if rows == SERVICE else self.backend_order
 
-    def prefixes(self, name: str, rows: str) -> list[str]:
-        """``name{labels} `` of every row, in render order (made once per generation)."""
-        out = self._prefixes.get(name)
-        if out is None:
-            out = self._prefixes[name] = [f"{name}{lab} " for lab in self._labels[rows]]
-        return out
+    def labels(self, rows: str) -> list[str]:
+        """``{labels} `` of every row (services or backends), in render order."""
+        return self._labels[rows]
 
     def label_values(self, rows: str, labels: MetricLabels) -> list[list[str]]:
         """The label values of every row, in render order (for ``library_families``)."""
@@ -205,13 +203,16 @@ def _header(name: str, kind: str, help_: str) -> str:
     return f"# HELP {name} {help_}\n# TYPE {name} {kind}\n"
 
 
-def up(value: int) -> str:
+def up(value: int) -> bytes:
     """The ``gorb_up`` family (1: the writer answered)."""
-    return f"{_header(UP_NAME, 'gauge', UP_HELP)}{UP_NAME} {floatToGoString(value)}\n"
+    return f"{_header(UP_NAME, 'gauge', UP_HELP)}{UP_NAME} {floatToGoString(value)}\n".encode()
 
 
-def render(layout: Layout, columns: dict[str, list[Any]]) -> Iterator[str]:
-    """The text of every family of ``FAMILIES``, one string per family, ``gorb_up 1`` first."""
+def render(layout: Layout, columns: dict[str, list[Any]]) -> Iterator[bytes]:
+    """The text of every family of ``FAMILIES`` (UTF-8), one part per family, ``gorb_up 1``
+    first. A family's part is kept in ``layout`` and handed out again, the same object, while
+    its column is unchanged: a render allocates only what moved (fresh memory is what costs most
+    in the user-mode-linux guest: page faults)."""
     yield up(1)
     fmt = _FORMATTED.__getitem__
     for name, kind, help_, rows in FAMILIES:
@@ -223,16 +224,16 @@ def render(layout: Layout, columns: dict[str, list[Any]]) -> Iterator[str]:
             yield last[1]
             continue
         ordered = list(map(column.__getitem__, layout.order(rows)))
-        prefixes = layout.prefixes(sample, rows)
+        labels = layout.labels(rows)
         if None in ordered:
-            kept = [(p, v) for p, v in zip(prefixes, ordered) if v is not None]
-            prefixes, ordered = [p for p, _ in kept], [v for _, v in kept]
+            kept = [(lab, v) for lab, v in zip(labels, ordered) if v is not None]
+            labels, ordered = [lab for lab, _ in kept], [v for _, v in kept]
         n = len(ordered)
-        # one join of [prefix, value, newline, ...]: no string per line
-        lines: list[str] = [_NEWLINE] * (3 * n)
-        lines[0::3] = prefixes
-        lines[1::3] = map(fmt, ordered)
-        text = _header(sample, kind, help_) + "".join(lines)
+        # one join of [name, {labels} , value, newline, ...]: no string per line
+        lines: list[str] = [sample, "", "", _NEWLINE] * n
+        lines[1::4] = labels
+        lines[2::4] = map(fmt, ordered)
+        text = (_header(sample, kind, help_) + "".join(lines)).encode()
         layout.texts[sample] = (column, text)
         yield text
 

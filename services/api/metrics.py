@@ -12,8 +12,10 @@ Staleness: a body is served for ``ttl`` seconds after its render began (``writer
 default 1 s: the writer's statistics snapshot is refreshed at that pace and cannot be fresher);
 from ``ttl`` minus twice the last render's duration a scrape that finds it still fresh starts the
 next render in the background. So what a scrape shows is at most ``ttl`` plus one render older
-than the writer's state, and any change made through this API (PUT, PATCH, DELETE, store sync)
-drops the body: the next scrape waits for a render begun after it. Nothing else is kept, so a
+than the writer's state. A change made through this API that adds or removes series (PUT and
+DELETE of a service or backend, a store sync) drops the body: the next scrape waits for a
+render begun after it, so it never shows a deleted object. A PATCH does not: PATCHes come in
+runs, and each one re-rendering for every scraper was what starved them. Nothing else is kept, so a
 deleted service's series disappear with it (GORB K exported them forever: gorb-spec §6).
 
 GORB's gauges keep their names and K's label names (gorb-spec §6):
@@ -189,7 +191,7 @@ class WriterMetrics:
         log.error("metrics: the writer sent no labels for generation %s", rows.generation)
         return None
 
-    def chunks(self, now: float) -> Iterator[str]:
+    def chunks(self, now: float) -> Iterator[bytes]:
         """The text, family by family (``now``: the wall clock, for uptimes)."""
         rows = self.rows()
         if rows is None:

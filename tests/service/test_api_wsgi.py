@@ -604,21 +604,26 @@ def _dest_stats(conns):
             "activeconns": 6, "inactconns": 7, "persistconns": 0}
 
 
-def test_metrics_is_one_body_for_its_ttl_and_a_change_through_the_api_drops_it(cached):
+def test_metrics_is_one_body_for_its_ttl_and_a_new_or_deleted_object_drops_it(cached):
     h = cached
     web(h)
     backend(h, "a")
     h.kernel.dest_stats[DEST_A] = _dest_stats(1)
     first = h.call("GET", "/metrics")
-    h.kernel.dest_stats[DEST_A] = _dest_stats(9)  # the kernel moved; nothing asked the API
+    h.kernel.dest_stats[DEST_A] = _dest_stats(9)  # the kernel moved
+    ok(h.call("PATCH", "/service/web/a", {"weight": 7}))  # a PATCH: within the ttl
     again = h.call("GET", "/metrics")
     assert again.body == first.body  # the same body: request counters included
     assert int(again.headers["Content-Length"]) == len(again.body)
-    ok(h.call("PATCH", "/service/web/a", {"weight": 7}))
+    backend(h, "b", host="10.1.0.2")  # a new series: dropped
     s = scrape(h)
     a = L(service_name="web", name="a", host="10.1.0.1", port="8080")
     assert (s[("gorb_service_backend_weight", a)], s[("gorb_ipvs_backend_connections_total", a)]) \
         == (7, 9)
+    assert ("gorb_service_backend_weight", L(service_name="web", name="b", host="10.1.0.2",
+                                              port="8080")) in s
+    ok(h.call("DELETE", "/service/web/b"))
+    assert not any(dict(labels).get("name") == "b" for _, labels in scrape(h))
 
 
 def test_metrics_without_a_ttl_is_rendered_at_every_scrape(tmp_path):

@@ -38,7 +38,7 @@ def library_text(fams) -> bytes:
 
 def fast_text(rows: MetricRows, layout: exposition.Layout | None = None) -> bytes:
     layout = layout or exposition.Layout(rows.generation, rows.labels)
-    return "".join(exposition.render(layout, exposition.values(rows, layout.sizes, NOW))).encode()
+    return b"".join(exposition.render(layout, exposition.values(rows, layout.sizes, NOW)))
 
 
 def rows_of(engine: Engine, known: int = -1) -> MetricRows:
@@ -193,7 +193,7 @@ def test_the_text_is_the_librarys_byte_for_byte(rows):
     layout = exposition.Layout(rows.generation, rows.labels)
     columns = exposition.values(rows, layout.sizes, NOW)
     want = library_text(exposition.library_families(layout, rows.labels, columns))
-    assert "".join(exposition.render(layout, columns)).encode() == want
+    assert b"".join(exposition.render(layout, columns)) == want
 
 
 def test_label_values_are_escaped_as_the_library_does():

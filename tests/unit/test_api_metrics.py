@@ -162,9 +162,9 @@ ROWS = {"schema": 1, "generation": 7,
 def test_the_writer_part_asks_for_rows_on_every_render_naming_the_labels_it_holds():
     client = _Client({"ok": True, "errno": "ok", "reason": "", "data": ROWS})
     metrics = WriterMetrics(client)
-    first = "".join(metrics.chunks(NOW))
+    first = b"".join(metrics.chunks(NOW)).decode()
     client.reply = {**client.reply, "data": {**ROWS, "labels": None}}  # the writer leaves
-    second = "".join(metrics.chunks(NOW))                               # them out: kept
+    second = b"".join(metrics.chunks(NOW)).decode()                               # them out: kept
     assert client.asked == [("metrics.rows", {"generation": -1}),
                             ("metrics.rows", {"generation": 7})]
     assert first == second and 'gorb_service_backends{host="10.0.0.53",name="dns"' in first
@@ -174,7 +174,7 @@ def test_labels_of_an_unknown_generation_are_asked_for_again():
     client = _Client({"ok": True, "errno": "ok", "reason": "", "data": {**ROWS, "labels": None}})
     [up] = list(WriterMetrics(client).chunks(NOW))  # never sent labels: a writer bug
     assert client.asked == [("metrics.rows", {"generation": -1})] * 2
-    assert up.endswith("gorb_up 0.0\n")
+    assert up.endswith(b"gorb_up 0.0\n")
 
 
 @pytest.mark.parametrize("client", [
@@ -183,7 +183,7 @@ def test_labels_of_an_unknown_generation_are_asked_for_again():
 ])
 def test_the_collector_reports_gorb_up_0_when_the_writer_fails(client):
     [up] = list(WriterMetrics(client).chunks(NOW))
-    assert up.splitlines()[-1] == "gorb_up 0.0"
+    assert up.splitlines()[-1] == b"gorb_up 0.0"
 
 
 def test_pulse_details_and_fail_open_in_metrics():
