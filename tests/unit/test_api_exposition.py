@@ -296,3 +296,22 @@ def test_a_failed_render_is_an_error_for_its_scrapes_and_not_kept():
     with pytest.raises(RuntimeError):
         scrapes.get()
     assert scrapes.get() == [b"fine\n"]
+
+
+def test_the_writer_rebuilds_columns_when_a_check_or_the_kernel_moved():
+    engine = busy_engine()
+    before = rows_of(engine)
+    assert rows_of(engine).backends is not None  # served again: the same columns
+    key = next(k for k, g in engine.targets().items() if ("web", "z") in g.members)
+    engine.handle_health([{"worker": 0, "results": [
+        {"key": key, "ok": True, "status": "up", "at": NOW - 1, "latency": 0.5}]}])
+    after = rows_of(engine)
+    assert after.backends.check_at != before.backends.check_at
+    live = engine._live_table()
+    next(iter(next(iter(live.values())).dests.values())).weight = 99
+    replaced = dict(live)  # a new snapshot: a new table, the moved service's entry replaced
+    for k, s in replaced.items():
+        replaced[k] = type(s)(**{**s.__dict__})
+    engine._live_table = lambda: replaced
+    assert 99 in rows_of(engine).backends.kernel_weight
+    assert fast_text(rows_of(engine)) == library_text(families(dump_of(engine), NOW))
