@@ -333,9 +333,16 @@ class Api:
         return _json(200, {"api": "ok", "writer": "ok", "auth": auth})
 
     def metrics(self) -> Any:
-        parts = self.scrapes.get()
-        return bottle.HTTPResponse(iter(parts), 200, {
-            "Content-Type": CONTENT_TYPE_LATEST, "Content-Length": str(sum(map(len, parts)))})
+        gzip = "gzip" in bottle.request.headers.get("Accept-Encoding", "")
+        body = self.scrapes.get(gzip)
+        headers = {"Content-Type": CONTENT_TYPE_LATEST, "Vary": "Accept-Encoding"}
+        if gzip and body.gzip is not None:
+            headers["Content-Encoding"] = "gzip"
+            parts = body.gzip
+        else:
+            parts = body.parts
+        headers["Content-Length"] = str(sum(map(len, parts)))
+        return bottle.HTTPResponse(iter(parts), 200, headers)
 
     def _render_metrics(self) -> Iterator[str | bytes]:
         yield from self.writer_metrics.chunks(time.time())

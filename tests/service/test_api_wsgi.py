@@ -13,6 +13,7 @@ from pathlib import Path
 
 import jsonschema_rs
 import pytest
+import webob
 import webtest
 import zmq.green
 from prometheus_client.parser import text_string_to_metric_families
@@ -624,6 +625,23 @@ def test_metrics_is_one_body_for_its_ttl_and_a_new_or_deleted_object_drops_it(ca
                                               port="8080")) in s
     ok(h.call("DELETE", "/service/web/b"))
     assert not any(dict(labels).get("name") == "b" for _, labels in scrape(h))
+
+
+def test_metrics_in_gzip_for_a_scraper_that_asks_as_prometheus_does(cached):
+    import gzip
+
+    h = cached
+    web(h)
+    backend(h, "a")
+    plain = h.call("GET", "/metrics")
+    assert "Content-Encoding" not in plain.headers and plain.headers["Vary"] == "Accept-Encoding"
+    backend(h, "b", host="10.1.0.2")  # a new body: rendered with its compressed copy
+    # straight to the WSGI app: webtest would undo the encoding
+    zipped = webob.Request.blank("/metrics", headers={"Accept-Encoding": "gzip, deflate"},
+                                 remote_addr="192.0.2.7").get_response(h.app.app)
+    assert zipped.headers["Content-Encoding"] == "gzip"
+    assert int(zipped.headers["Content-Length"]) == len(zipped.body)
+    assert gzip.decompress(zipped.body) == h.call("GET", "/metrics").body
 
 
 def test_metrics_without_a_ttl_is_rendered_at_every_scrape(tmp_path):

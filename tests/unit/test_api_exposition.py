@@ -229,11 +229,11 @@ def test_a_body_is_served_for_the_ttl_then_rendered_again():
     clock, render = Clock(), Renderer()
     scrapes = Scrapes(render, ttl=1.0, clock=clock)
     first = scrapes.get()
-    assert b"".join(first) == b"render 1 part 0\nrender 1 part 1\n"
+    assert b"".join(first.parts) == b"render 1 part 0\nrender 1 part 1\n"
     clock.now += 0.5
     assert scrapes.get() is first and render.count == 1
     clock.now += 0.6  # past the ttl: a scrape waits for a new render
-    assert b"render 2" in scrapes.get()[0]
+    assert b"render 2" in scrapes.get().parts[0]
 
 
 def test_a_change_through_the_api_drops_the_body():
@@ -241,7 +241,7 @@ def test_a_change_through_the_api_drops_the_body():
     scrapes = Scrapes(render, ttl=60.0, clock=clock)
     scrapes.get()
     scrapes.invalidate()
-    assert b"render 2" in scrapes.get()[0]
+    assert b"render 2" in scrapes.get().parts[0]
 
 
 def test_a_render_begun_before_a_change_is_not_served_after_it():
@@ -253,7 +253,7 @@ def test_a_render_begun_before_a_change_is_not_served_after_it():
     late = gevent.spawn(scrapes.get)
     gevent.joinall([early, late], raise_error=True)
     # the early one too: what a scrape returns was begun after every change made before it ends
-    assert b"render 2" in early.value[0] and b"render 2" in late.value[0]
+    assert b"render 2" in early.value.parts[0] and b"render 2" in late.value.parts[0]
     assert render.count == 2
 
 
@@ -276,11 +276,11 @@ def test_the_next_render_starts_before_the_body_expires():
     scrapes._took = 0.2
     clock.now += 0.7  # within 2 x the last render's duration of the expiry
     body = scrapes.get()
-    assert b"render 1" in body[0]  # still served at once
+    assert b"render 1" in body.parts[0]  # still served at once
     while scrapes._running is not None:  # the background render
         gevent.sleep(0)
     assert render.count == 2
-    assert b"render 2" in scrapes.get()[0]
+    assert b"render 2" in scrapes.get().parts[0]
 
 
 def test_a_failed_render_is_an_error_for_its_scrapes_and_not_kept():
@@ -295,7 +295,20 @@ def test_a_failed_render_is_an_error_for_its_scrapes_and_not_kept():
     scrapes = Scrapes(render, ttl=60.0)
     with pytest.raises(RuntimeError):
         scrapes.get()
-    assert scrapes.get() == [b"fine\n"]
+    assert scrapes.get().parts == [b"fine\n"]
+
+
+def test_once_gzip_is_asked_for_each_render_is_compressed_too():
+    import gzip
+
+    clock, render = Clock(), Renderer(parts=3)
+    scrapes = Scrapes(render, ttl=1.0, clock=clock)
+    assert scrapes.get().gzip is None
+    assert scrapes.get(gzip=True).gzip is None  # this body was rendered without
+    clock.now += 2
+    body = scrapes.get(gzip=True)
+    assert gzip.decompress(b"".join(body.gzip)) == b"".join(body.parts)
+    assert body.length(gzip=True) == len(b"".join(body.gzip))
 
 
 def test_the_writer_rebuilds_columns_when_a_check_or_the_kernel_moved():
