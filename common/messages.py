@@ -7,6 +7,8 @@ Every request is an envelope (``gorb.common.envelope``) whose ``type`` is a key 
     service.update  {"service": "web", "options": {"method": "rr"}}  # PATCH: changed fields only
     service.delete  {"service": "web"}                               # removes its backends too
     service.get     {"service": "web"}           -> data: ServiceView
+                    # "summary": true: each backend only as {"health": Health, "check":
+                    # {"health": share} | null} (what GET /service/<vs> shows of it)
     service.list    {}                           -> data: {"services": ["web", ...]}
     backend.create  {"service": "web", "backend": "a", "options": BackendOptions,
                      "address": "10.1.0.1"}
@@ -63,6 +65,11 @@ class ServiceUpdate(msgspec.Struct, forbid_unknown_fields=True):
 
 class ServiceRef(msgspec.Struct, forbid_unknown_fields=True):
     service: str
+
+
+class ServiceGet(msgspec.Struct, forbid_unknown_fields=True):
+    service: str
+    summary: bool = False
 
 
 class Empty(msgspec.Struct, forbid_unknown_fields=True):
@@ -163,7 +170,7 @@ REQUESTS: dict[str, type] = {
     "service.create": ServiceCreate,
     "service.update": ServiceUpdate,
     "service.delete": ServiceRef,
-    "service.get": ServiceRef,
+    "service.get": ServiceGet,
     "service.list": Empty,
     "backend.create": BackendCreate,
     "backend.update": BackendUpdate,

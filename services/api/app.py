@@ -249,8 +249,8 @@ class Api:
 
     def get_service(self, vs: str) -> Any:
         vs = validate_object_id(vs)
-        return _json(200, views.service_info(self._ask("service.get", {"service": vs}),
-                                             time.time()))
+        view = self._ask("service.get", {"service": vs, "summary": True})
+        return _json(200, views.service_info(view, time.time()))
 
     def update_service(self, vs: str) -> Any:
         vs = validate_object_id(vs)

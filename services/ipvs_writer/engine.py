@@ -204,6 +204,19 @@ def service_view(vsid: str, record: ServiceRecord, live: KService | None = None,
     }
 
 
+def service_summary(vsid: str, record: ServiceRecord, live: KService | None,
+                    observed: dict) -> dict:
+    """``service_view`` with each backend cut to what GET /service/<vs> shows of it (its
+    health): a service of 1,000 backends is 50 kB on the bus instead of 500."""
+    backends = {}
+    for rs, b in record.backends.items():
+        seen = observed.get((vsid, rs))
+        backends[rs] = {"health": {"status": b.health.status, "since": b.health.since},
+                        "check": None if seen is None else {"health": seen.health}}
+    return {"service": vsid, "options": msgspec.to_builtins(record.options),
+            "address": record.address, "backends": backends, "kernel": _kservice_view(live)}
+
+
 def backend_view(vsid: str, rsid: str, b: BackendRecord, record: ServiceRecord,
                  live: KService | None = None, observed: Outcome | None = None) -> dict:
     """A backend as the writer sees it: options as given, the effective pulse, the weight it
@@ -717,6 +730,9 @@ class Engine:
                 raise GorbError(errors.NOT_FOUND)
             live = self._live_service(req.service, record)
             if type_ == "service.get":
+                if req.summary:
+                    return messages.ok(service_summary(req.service, record, live,
+                                                       self.observed))
                 return messages.ok(service_view(req.service, record, live, self.observed))
             backend = record.backends.get(req.backend)
             if backend is None:

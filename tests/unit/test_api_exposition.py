@@ -328,3 +328,14 @@ def test_the_writer_rebuilds_columns_when_a_check_or_the_kernel_moved():
     engine._live_table = lambda: replaced
     assert 99 in rows_of(engine).backends.kernel_weight
     assert fast_text(rows_of(engine)) == library_text(families(dump_of(engine), NOW))
+
+
+@pytest.mark.parametrize("vs", ["web", "empty", "alpha"])
+def test_the_service_summary_answers_get_service_as_the_full_view_does(vs):
+    from gorb.services.api import views
+
+    engine = busy_engine()
+    full = engine.read("service.get", {"service": vs})["data"]
+    summary = engine.read("service.get", {"service": vs, "summary": True})["data"]
+    assert views.service_info(summary, NOW) == views.service_info(full, NOW)
+    assert len(msgspec.msgpack.encode(summary)) <= len(msgspec.msgpack.encode(full))
