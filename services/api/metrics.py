@@ -58,7 +58,7 @@ from typing import Any
 import gevent
 import msgspec
 from gevent.event import AsyncResult
-from prometheus_client import Counter, Histogram, generate_latest
+from prometheus_client import Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import CollectorRegistry
 
