@@ -93,7 +93,8 @@ class WriterSection(msgspec.Struct, forbid_unknown_fields=True):
     kernel_timeout: float = 5.0         # seconds the kernel has to answer a netlink exchange;
                                         # then the writer exits 70 (restarted, adopts the table)
     stats_interval: float = 1.0         # seconds between the statistics snapshots read by GET
-                                        # and /metrics (dumped off the write path, while read)
+                                        # and /metrics (dumped off the write path, while read);
+                                        # the API serves one /metrics body for this long
     journal_max_bytes: int = 1 << 20    # compact the state journal past max(this, snapshot / 2)
 
 

@@ -7,6 +7,8 @@ Every request is an envelope (``gorb.common.envelope``) whose ``type`` is a key 
     service.update  {"service": "web", "options": {"method": "rr"}}  # PATCH: changed fields only
     service.delete  {"service": "web"}                               # removes its backends too
     service.get     {"service": "web"}           -> data: ServiceView
+                    # "summary": true: each backend only as {"health": Health, "check":
+                    # {"health": share} | null} (what GET /service/<vs> shows of it)
     service.list    {}                           -> data: {"services": ["web", ...]}
     backend.create  {"service": "web", "backend": "a", "options": BackendOptions,
                      "address": "10.1.0.1"}
@@ -16,6 +18,9 @@ Every request is an envelope (``gorb.common.envelope``) whose ``type`` is a key 
     pulse.targets   see gorb.common.pulse_messages (a worker's check targets)
     state.dump      {"stats": false}             -> data: {"services": {id: ServiceView}}
                     # stats: true adds the kernel's live view (one dump) to every service
+    metrics.rows    {"generation": 3}            -> data: MetricRows (``/metrics``, columnar)
+                    # generation: of the label rows the asker holds (-1: none); the reply
+                    # carries the labels only when the writer's generation differs
 
     Reply           {"ok": true, "errno": "ok", "reason": "", "data": {...} | null}
 
@@ -62,12 +67,79 @@ class ServiceRef(msgspec.Struct, forbid_unknown_fields=True):
     service: str
 
 
+class ServiceGet(msgspec.Struct, forbid_unknown_fields=True):
+    service: str
+    summary: bool = False
+
+
 class Empty(msgspec.Struct, forbid_unknown_fields=True):
     pass
 
 
 class StateDump(msgspec.Struct, forbid_unknown_fields=True):
     stats: bool = False
+
+
+class MetricRowsRequest(msgspec.Struct, forbid_unknown_fields=True):
+    generation: int = -1
+
+
+class MetricLabels(msgspec.Struct):
+    """The label values of ``/metrics``' rows: the services in the writer's order, and after them,
+    service by service in the same order, each one's backends in its order (``sizes[i]`` of
+    them for service i). Strings exactly as the labels show them (port in decimal)::
+
+        {"services": [["web", "10.0.0.1", "80", "tcp"], ...],    # name, host, port, protocol
+         "sizes": [2, ...],
+         "backends": [["web", "a", "10.1.0.1", "8080"], ...]}     # service_name, name, host, port
+    """
+    services: list[list[str]]
+    sizes: list[int]
+    backends: list[list[str]]
+
+
+class BackendColumns(msgspec.Struct):
+    """One value per backend row of ``MetricLabels``, in its order::
+
+        weight          the weight the writer wants it to have (configured weight and health)
+        kernel_weight   the kernel's weight; null: the kernel has no entry
+        status, since   pulse's verdict (up | down | unknown) and when it last changed
+        held_in         fail-open keeps it in although down
+        check_*         the last check (at, ok, latency, health: share of recent checks passed,
+                        passes, failures in a row); null: none since the writer started
+        stats           kernel counter (conns, inpkts, outpkts, inbytes, outbytes, activeconns,
+                        inactconns, persistconns) -> values; null: the kernel has no entry
+    """
+    weight: list[int]
+    kernel_weight: list[int | None]
+    status: list[str]
+    since: list[float]
+    held_in: list[bool]
+    check_at: list[float | None]
+    check_ok: list[bool | None]
+    check_latency: list[float | None]
+    check_health: list[float | None]
+    check_passes: list[int | None]
+    check_failures: list[int | None]
+    stats: dict[str, list[int | None]]
+
+
+class MetricRows(msgspec.Struct):
+    """``metrics.rows``: everything ``/metrics`` shows of the writer, as columns (schema 1).
+
+    ``generation`` names the label rows: two replies with the same generation have the same rows
+    in the same order, so the asker keeps the labels (and what it built from them) and the
+    writer leaves them out (``labels`` null) when asked with the current generation.
+    ``service_stats``: kernel counter (conns, inpkts, outpkts, inbytes, outbytes) -> one value per
+    service row, null where the kernel has no entry."""
+    schema: int
+    generation: int
+    labels: MetricLabels | None
+    service_stats: dict[str, list[int | None]]
+    backends: BackendColumns
+
+
+METRIC_ROWS_SCHEMA = 1
 
 
 class WriterLatency(msgspec.Struct, forbid_unknown_fields=True):
@@ -98,13 +170,14 @@ REQUESTS: dict[str, type] = {
     "service.create": ServiceCreate,
     "service.update": ServiceUpdate,
     "service.delete": ServiceRef,
-    "service.get": ServiceRef,
+    "service.get": ServiceGet,
     "service.list": Empty,
     "backend.create": BackendCreate,
     "backend.update": BackendUpdate,
     "backend.delete": BackendRef,
     "backend.get": BackendRef,
     "state.dump": StateDump,
+    "metrics.rows": MetricRowsRequest,
     "pulse.targets": TargetsRequest,
     "writer.latency": WriterLatency,
 }

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import bottle
@@ -57,7 +57,7 @@ from gorb.services.api import audit, openapi, views
 from gorb.services.api.audit import Audit, AuditFile, note
 from gorb.services.api.auth import Authenticate, Tokens
 from gorb.services.api.discovery_client import DiscoveryClient
-from gorb.services.api.metrics import RequestMetrics, WriterCollector
+from gorb.services.api.metrics import RequestMetrics, Scrapes, WriterMetrics
 from gorb.services.api.writer_client import WriterClient, WriterUnavailable
 
 log = logging.getLogger("api")
@@ -66,7 +66,11 @@ access_log = logging.getLogger("api.access")
 MAX_BODY = 1 << 20  # bytes; GORB had no limit (gorb-spec §8.22)
 JSON = "application/json"
 MSG_INTERNAL = "internal error"
-MSG_NO_ROUTE = "404 page not found"  # GORB's (gorilla/mux) text for an unknown path
+MSG_NO_ROUTE = "404 page not found"
+# Changes that add or remove /metrics series: a scrape after one never shows the old set.
+# Other changes (a weight, a service's options) show within the body's ttl (``metrics``).
+SERIES_CHANGES = frozenset({"service.create", "service.delete", "backend.create",
+                            "backend.delete"})  # GORB's (gorilla/mux) text for an unknown path
 
 
 class BodyTooLarge(Exception):
@@ -126,14 +130,18 @@ class Api:
 
     def __init__(self, client: WriterClient, resolve: Resolver = resolve_host,
                  max_body: int = MAX_BODY, discovery: DiscoveryClient | None = None,
-                 auth: bool = False):
+                 auth: bool = False, metrics_ttl: float = 1.0):
+        """``metrics_ttl``: seconds a /metrics body is served again (``writer.stats_interval``;
+        0: render at every scrape)."""
         self.client = client
         self.auth = auth  # tokens configured (``auth.Authenticate`` in front): /health says so
         self.discovery = discovery  # None: no store configured, the store routes answer 404
         self.resolve = resolve
         self.max_body = max_body
+        # the process's own collectors; the writer's part comes first, from ``WriterMetrics``
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(WriterCollector(client))
+        self.writer_metrics = WriterMetrics(client)
+        self.scrapes = Scrapes(self._render_metrics, metrics_ttl)
         for collector in (ProcessCollector, PlatformCollector, GCCollector):
             collector(registry=self.registry)
         self.app = app = bottle.Bottle(catchall=True)
@@ -208,7 +216,11 @@ class Api:
 
     def _mutate(self, type_: str, body: dict[str, Any]) -> None:
         """Ask the writer for a change; what it changed goes to the audit line."""
-        data = self._ask(type_, body)
+        try:
+            data = self._ask(type_, body)
+        finally:
+            if type_ in SERIES_CHANGES:
+                self.scrapes.invalidate()  # no scrape shows a deleted object, or misses a new one
         note(change=data.get("change") if isinstance(data, dict) else None)
 
     def _body(self) -> bytes:
@@ -238,8 +250,8 @@ class Api:
 
     def get_service(self, vs: str) -> Any:
         vs = validate_object_id(vs)
-        return _json(200, views.service_info(self._ask("service.get", {"service": vs}),
-                                             time.time()))
+        view = self._ask("service.get", {"service": vs, "summary": True})
+        return _json(200, views.service_info(view, time.time()))
 
     def update_service(self, vs: str) -> Any:
         vs = validate_object_id(vs)
@@ -296,7 +308,10 @@ class Api:
         """qk4l's "sync now": one store round in discovery, what it applied."""
         force = _query_flag("force")
         note(body={"force": force})
-        return _json(200, self._ask_discovery("store.sync", {"force": force}))
+        try:
+            return _json(200, self._ask_discovery("store.sync", {"force": force}))
+        finally:
+            self.scrapes.invalidate()
 
     def store_status(self) -> Any:
         """qk4l's dry run: what ``/store/sync`` would change, changing nothing."""
@@ -319,8 +334,20 @@ class Api:
         return _json(200, {"api": "ok", "writer": "ok", "auth": auth})
 
     def metrics(self) -> Any:
-        return bottle.HTTPResponse(generate_latest(self.registry), 200,
-                                   {"Content-Type": CONTENT_TYPE_LATEST})
+        gzip = "gzip" in bottle.request.headers.get("Accept-Encoding", "")
+        body = self.scrapes.get(gzip)
+        headers = {"Content-Type": CONTENT_TYPE_LATEST, "Vary": "Accept-Encoding"}
+        if gzip and body.gzip is not None:
+            headers["Content-Encoding"] = "gzip"
+            parts = body.gzip
+        else:
+            parts = body.parts
+        headers["Content-Length"] = str(sum(map(len, parts)))
+        return bottle.HTTPResponse(iter(parts), 200, headers)
+
+    def _render_metrics(self) -> Iterator[str | bytes]:
+        yield from self.writer_metrics.chunks(time.time())
+        yield generate_latest(self.registry)
 
     def openapi(self) -> Any:
         return bottle.HTTPResponse(self._openapi, 200, {"Content-Type": JSON})
@@ -388,14 +415,16 @@ def build(client: WriterClient, resolve: Resolver = resolve_host,
           max_body: int = MAX_BODY,
           discovery: DiscoveryClient | None = None, tokens: Tokens | None = None,
           audit_file: AuditFile | None = None,
-          clock: Callable[[], float] = time.time) -> tuple[Api, Callable]:
+          clock: Callable[[], float] = time.time,
+          metrics_ttl: float = 1.0) -> tuple[Api, Callable]:
     """The API object and the WSGI application to serve; ``discovery`` only with a store;
-    ``tokens`` (not empty) turns authentication on, ``audit_file`` the audit log.
+    ``tokens`` (not empty) turns authentication on, ``audit_file`` the audit log;
+    ``metrics_ttl`` is how long a /metrics body is served again (``Api``).
 
     The layers, outermost first: AccessLog (log line, metrics, the last 500), Audit (it sees
     every answer, 401s included), Authenticate (before the router: no route is revealed), the
     bottle app."""
-    api = Api(client, resolve, max_body, discovery, auth=bool(tokens))
+    api = Api(client, resolve, max_body, discovery, auth=bool(tokens), metrics_ttl=metrics_ttl)
     wsgi: Callable = api.app
     if tokens:
         wsgi = Authenticate(wsgi, tokens, api.app.router)

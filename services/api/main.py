@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None, resolve: Resolver = resolve_host) -> int
     peers = connect(cfg, endpoint, audit_file)
     try:
         _, wsgi = build(peers.client, resolve, discovery=peers.discovery, tokens=tokens,
-                        audit_file=audit_file)
+                        audit_file=audit_file, metrics_ttl=cfg.writer.stats_interval)
         server = Server(config.parse_listen(cfg.api.listen), wsgi, cfg.api.idle_timeout,
                         cfg.api.max_connections, tls=tls)
         try:

@@ -1,9 +1,22 @@
-"""``GET /metrics``: GORB's Prometheus metrics and IPVS traffic counters, fresh from the writer.
+"""``GET /metrics``: GORB's Prometheus metrics and IPVS traffic counters, from the writer.
 
-The API holds no state, so ``WriterCollector`` asks the writer for ``state.dump`` with
-``{"stats": true}`` (the desired state and one kernel dump) on every scrape; ``families`` turns that
-reply into metric families and is pure. Nothing is cached, so a deleted service's series disappear
-with it (GORB K exported them forever: gorb-spec §6).
+The API holds no state of its own but this cache. ``WriterMetrics`` asks the writer for
+``metrics.rows`` (columns; the label strings only when they changed) and writes the text with
+``exposition`` (label prefixes kept across scrapes while the set of services and backends is
+unchanged). ``Scrapes`` keeps the whole body (writer part, then the process's own collectors and
+request metrics) and renders it in a greenlet of its own that yields between families, so a
+scrape of 10,000 backends never holds the process for the length of a render and scrapes that
+arrive together share one render.
+
+Staleness: a body is served for ``ttl`` seconds after its render began (``writer.stats_interval``,
+default 1 s: the writer's statistics snapshot is refreshed at that pace and cannot be fresher);
+from ``ttl`` minus twice the last render's duration a scrape that finds it still fresh starts the
+next render in the background. So what a scrape shows is at most ``ttl`` plus one render older
+than the writer's state. A change made through this API that adds or removes series (PUT and
+DELETE of a service or backend, a store sync) drops the body: the next scrape waits for a
+render begun after it, so it never shows a deleted object. A PATCH does not: PATCHes come in
+runs, and each one re-rendering for every scraper was what starved them. Nothing else is kept, so a
+deleted service's series disappear with it (GORB K exported them forever: gorb-spec §6).
 
 GORB's gauges keep their names and K's label names (gorb-spec §6):
 
@@ -21,6 +34,9 @@ service labels) and per backend (``gorb_ipvs_backend_…_total`` plus the
 ``gorb_ipvs_backend_{active,inactive,persistent}_connections`` gauges, GORB's backend labels).
 Counters are emitted only for entries the kernel reported.
 
+``families`` is the same from a ``state.dump`` reply as prometheus_client families: the
+reference the fast path is checked against (tests/unit/test_api_exposition.py).
+
 The API's own requests (``RequestMetrics``, kept in the process: the one thing /metrics does not
 ask the writer), labelled by the route's pattern, never the raw path, so ids do not make series:
 
@@ -34,35 +50,25 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Mapping
+import zlib
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
+import gevent
+import msgspec
+from gevent.event import AsyncResult
 from prometheus_client import Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector, CollectorRegistry
+from prometheus_client.registry import CollectorRegistry
 
+from gorb.common.messages import MetricRows
+from gorb.services.api import exposition
+from gorb.services.api.exposition import BACKEND_LABELS, COUNTERS, DEST_GAUGES, SERVICE_LABELS
 from gorb.services.api import views
 from gorb.services.api.writer_client import WriterUnavailable
 
 log = logging.getLogger(__name__)
-
-SERVICE_LABELS = ["name", "host", "port", "protocol"]
-BACKEND_LABELS = ["service_name", "name", "host", "port"]
-
-# kernel stats key -> metric suffix, help
-COUNTERS = [
-    ("conns", "connections", "Connections scheduled"),
-    ("inpkts", "packets_in", "Incoming packets"),
-    ("outpkts", "packets_out", "Outgoing packets"),
-    ("inbytes", "bytes_in", "Incoming bytes"),
-    ("outbytes", "bytes_out", "Outgoing bytes"),
-]
-DEST_GAUGES = [
-    ("activeconns", "active_connections", "Active connections of a backend"),
-    ("inactconns", "inactive_connections", "Inactive connections of a backend"),
-    ("persistconns", "persistent_connections", "Persistent connection templates of a backend"),
-]
-
 
 def _service_labels(vsid: str, view: Mapping[str, Any]) -> list[str]:
     opts = view["options"]
@@ -160,22 +166,128 @@ def families(services: Mapping[str, Mapping[str, Any]] | None, now: float) -> li
             *s_counters.values(), *b_counters.values(), *b_gauges.values()]
 
 
-class WriterCollector(Collector):
-    """A prometheus_client collector that asks the writer on every ``collect`` (every scrape)."""
+class WriterMetrics:
+    """The writer's part of the text: asks ``metrics.rows`` at each ``chunks`` and keeps the
+    ``exposition.Layout`` of the last label generation."""
 
     def __init__(self, client) -> None:
         self.client = client
+        self.layout: exposition.Layout | None = None
 
-    def collect(self) -> Iterable[Metric]:
+    def rows(self) -> MetricRows | None:
+        """The writer's rows with this generation's labels known (None: it did not answer)."""
+        for known in (-1 if self.layout is None else self.layout.generation, -1):
+            try:
+                reply = self.client.request("metrics.rows", {"generation": known})
+            except WriterUnavailable as exc:
+                log.warning("metrics: %s", exc)
+                return None
+            if not reply.get("ok"):
+                log.error("metrics: the writer refused metrics.rows: %s", reply.get("reason"))
+                return None
+            rows = msgspec.convert(reply["data"], MetricRows)
+            if rows.labels is not None:
+                self.layout = exposition.Layout(rows.generation, rows.labels)
+            if self.layout is not None and self.layout.generation == rows.generation:
+                return rows
+        log.error("metrics: the writer sent no labels for generation %s", rows.generation)
+        return None
+
+    def chunks(self, now: float) -> Iterator[bytes]:
+        """The text, family by family (``now``: the wall clock, for uptimes)."""
+        rows = self.rows()
+        if rows is None:
+            yield exposition.up(0)
+            return
+        layout = self.layout
+        yield from exposition.render(layout, exposition.values(rows, layout.sizes, now))
+
+
+@dataclass
+class Body:
+    """One rendered ``/metrics`` body: its parts as they were rendered (served as they are,
+    never joined into one copy) and, once a scraper has asked for gzip, the same compressed."""
+    parts: list[bytes]
+    gzip: list[bytes] | None = None
+
+    def length(self, gzip: bool = False) -> int:
+        return sum(map(len, self.gzip if gzip else self.parts))
+
+
+class Scrapes:
+    """The ``/metrics`` body, rendered by ``render`` in a greenlet of its own and served for
+    ``ttl`` seconds (see the module's docstring); ``invalidate`` drops it. Once a scraper has
+    asked for gzip (Prometheus always does), each render is compressed too, part by part,
+    yielding in between: 15 MB of text are about 1 MB to send."""
+
+    def __init__(self, render: Callable[[], Iterable[str | bytes]], ttl: float,
+                 clock: Callable[[], float] = time.monotonic):
+        self.render = render
+        self.ttl = ttl
+        self.clock = clock
+        self.renders = 0
+        self.gzip_wanted = False
+        self._epoch = 0  # bumped by invalidate: a body of an older epoch is not served
+        self._body: tuple[int, float, Body] | None = None  # (epoch, render start, body)
+        self._running: tuple[int, AsyncResult] | None = None
+        self._took = 0.0  # the last render's duration
+
+    def invalidate(self) -> None:
+        self._epoch += 1
+        self._body = None
+
+    def get(self, gzip: bool = False) -> Body:
+        """The body to serve (``gzip``: the scraper accepts it; the body may still have no
+        compressed copy, the first time)."""
+        self.gzip_wanted = self.gzip_wanted or gzip
+        while True:
+            now = self.clock()
+            body = self._body
+            if body is not None and body[0] == self._epoch and now - body[1] < self.ttl:
+                if now - body[1] >= self.ttl - 2 * self._took and self._running is None:
+                    self._start()  # the next one, before this one expires
+                return body[2]
+            running = self._running or self._start()
+            result = running[1].get()
+            if running[0] == self._epoch:  # else it began before a change: render again
+                return result
+
+    def _start(self) -> tuple[int, AsyncResult]:
+        running = self._running = (self._epoch, AsyncResult())
+        gevent.spawn(self._run, *running).name = "metrics-render"
+        return running
+
+    def _run(self, epoch: int, done: AsyncResult) -> None:
+        started = self.clock()
         try:
-            reply = self.client.request("state.dump", {"stats": True})
-        except WriterUnavailable as exc:
-            log.warning("metrics: %s", exc)
-            return families(None, time.time())
-        if not reply.get("ok"):
-            log.error("metrics: the writer refused state.dump: %s", reply.get("reason"))
-            return families(None, time.time())
-        return families(reply["data"]["services"], time.time())
+            body = Body([])
+            for part in self.render():
+                body.parts.append(part if isinstance(part, bytes) else part.encode())
+                gevent.sleep(0)  # let other requests in between families
+            if self.gzip_wanted:
+                body.gzip = _compress(body.parts)
+        except Exception as exc:  # a bug: the waiting scrapes answer 500
+            log.exception("metrics: rendering failed")
+            self._running = None
+            done.set_exception(exc)
+            return
+        self.renders += 1
+        self._took = self.clock() - started
+        if epoch == self._epoch:
+            self._body = (epoch, started, body)
+        self._running = None
+        done.set(body)
+
+
+def _compress(parts: list[bytes]) -> list[bytes]:
+    """``parts`` as one gzip stream (level 1: the text is repetitive, speed matters more)."""
+    z = zlib.compressobj(1, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    out = []
+    for part in parts:
+        out.append(z.compress(part))
+        gevent.sleep(0)
+    out.append(z.flush())
+    return [o for o in out if o]
 
 
 # Seconds: a request is one bus round trip to the writer (about a millisecond), up to the

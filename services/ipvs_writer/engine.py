@@ -29,7 +29,9 @@ from gorb.common.errors import GorbError
 from gorb.common.pulse_messages import Outcome, TargetsChanged
 from gorb.common.shard import owner
 from gorb.services.ipvs_writer.desired import desired_table, held, ktable, ops_between
+from gorb.services.ipvs_writer import metric_rows
 from gorb.services.ipvs_writer.health import apply_results
+from gorb.services.ipvs_writer.metric_rows import MetricRowsBuilder
 from gorb.services.ipvs_writer.reader import Snapshots
 from gorb.services.ipvs_writer.staging import Draft, Staged, stage
 from gorb.services.ipvs_writer.state import BackendRecord, ServiceRecord, Services
@@ -41,7 +43,7 @@ from gorb.services.ipvs_writer.targets import (
     targets,
     update_targets,
 )
-from gorb.services.ipvs_writer.views import backend_view, service_view
+from gorb.services.ipvs_writer.views import backend_view, service_summary, service_view
 from gorb.services.ipvs_writer.weights import UNKNOWN, Health
 
 # Re-exported: what the writer's tests and the discovery tests import from here.
@@ -81,6 +83,8 @@ class Engine:
         self.clock = clock
         self.foreign = 0  # kernel services gorb does not own, as of the last converge
         self.observed: dict[Member, Outcome] = {}  # the last check of each backend (memory only)
+        self.observed_version = 0  # changes whenever ``observed`` does
+        self.metric_rows = MetricRowsBuilder(held)
         self._targets: dict[str, TargetGroup] | None = None  # cache; None = to be rebuilt
         self.targets_changed = False  # set when a mutation changed check targets: see
         self.changed_shards: set[int] | None = set()  # their shards of pulse_workers; None: all
@@ -206,8 +210,9 @@ class Engine:
             if was is None or (now is not None and now.backends is was.backends):
                 continue
             for rsid in was.backends:
-                if now is None or rsid not in now.backends:
-                    self.observed.pop((vsid, rsid), None)
+                if (now is None or rsid not in now.backends) and (vsid, rsid) in self.observed:
+                    del self.observed[(vsid, rsid)]
+                    self.observed_version += 1
 
     def _note_targets_changed(self, shards: set[int] | None) -> None:
         self.targets_changed = True
@@ -235,6 +240,7 @@ class Engine:
         that follow (``health.apply_results``). Results for unknown targets (a backend just
         deleted) are dropped."""
         draft = Draft(self.services)
+        self.observed_version += 1
         touched, events = apply_results(draft, self.targets(), bodies, self.clock(),
                                         self.observed)
         if not touched:
@@ -337,6 +343,11 @@ class Engine:
                     raise errors.invalid("worker must be in [0, workers)")
                 self.pulse_workers = req.workers
                 return messages.ok({"targets": self.pulse_targets(req.worker, req.workers)})
+            if type_ == "metrics.rows":
+                rows = self.metric_rows.rows(self.services, self._live_table(), self.observed,
+                                             self.observed_version, req.generation)
+                # shallow: the columns are already plain lists (to_builtins would copy them)
+                return {**messages.ok(), "data": metric_rows.wire(rows)}
             if type_ == "state.dump":
                 live = self._live_table() if req.stats else {}
                 return messages.ok({"services": {
@@ -348,6 +359,9 @@ class Engine:
                 raise GorbError(errors.NOT_FOUND)
             live = self._live_service(req.service, record)
             if type_ == "service.get":
+                if req.summary:
+                    return messages.ok(service_summary(req.service, record, live,
+                                                       self.observed))
                 return messages.ok(service_view(req.service, record, live, self.observed))
             backend = record.backends.get(req.backend)
             if backend is None:

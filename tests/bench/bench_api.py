@@ -113,30 +113,46 @@ class Conn:
     def __init__(self, addr: tuple[str, int]):
         self.sock = gevent.socket.create_connection(addr)
         self.sock.setsockopt(gevent.socket.IPPROTO_TCP, gevent.socket.TCP_NODELAY, 1)
-        self.buf = b""
+        self.buf = bytearray(65536)  # the answer being received; grown, never shrunk
+        self._body: memoryview | None = None  # the last large body handed out
 
-    def roundtrip(self, data: bytes) -> tuple[int, bytes]:
+    def roundtrip(self, data: bytes) -> tuple[int, bytes | memoryview]:
+        """Status and body of one exchange (one at a time: nothing is pipelined). A large body
+        is a view of this connection's buffer, valid until the next exchange: a 15 MB /metrics
+        body is received into memory already there and not copied (fresh memory costs page
+        faults, very dear in the guest; appending to bytes copied the whole body per read)."""
+        if self._body is not None:
+            self._body.release()  # the buffer may have to grow
+            self._body = None
         self.sock.sendall(data)
-        buf = self.buf
-        while (end := buf.find(b"\r\n\r\n")) < 0:
-            buf += self._recv()
-        head = buf[:end].lower()
+        buf, have = self.buf, 0
+        while (end := buf.find(b"\r\n\r\n", 0, have)) < 0:
+            have = self._recv_into(have, have + 65536)
+        head = bytes(self.buf[:end]).lower()
         status = int(head[9:12])
         at = head.find(b"\r\ncontent-length:")
         if at < 0:
-            raise RuntimeError(f"response without Content-Length: {buf[:end]!r}")
+            raise RuntimeError(f"response without Content-Length: {head!r}")
         eol = head.find(b"\r\n", at + 2)
         total = end + 4 + int(head[at + 17:eol if eol >= 0 else len(head)])
-        while len(buf) < total:
-            buf += self._recv()
-        self.buf = buf[total:]
-        return status, buf[end + 4:total]
+        while have < total:
+            have = self._recv_into(have, total)
+        if have != total:
+            raise RuntimeError("bytes after the answer: nothing was asked for them")
+        if total - end - 4 < 65536:
+            return status, bytes(self.buf[end + 4:total])
+        self._body = memoryview(self.buf)[end + 4:total]
+        return status, self._body
 
-    def _recv(self) -> bytes:
-        chunk = self.sock.recv(65536)
-        if not chunk:
+    def _recv_into(self, have: int, need: int) -> int:
+        """Receive after the ``have`` bytes already in the buffer, growing it to ``need``."""
+        if len(self.buf) < need:
+            self.buf.extend(bytes(max(need, 2 * len(self.buf)) - len(self.buf)))
+        with memoryview(self.buf) as view:
+            n = self.sock.recv_into(view[have:need])
+        if not n:
             raise RuntimeError("the API closed a keep-alive connection")
-        return chunk
+        return have + n
 
     def close(self) -> None:
         self.sock.close()

@@ -9,12 +9,23 @@ the bus. Then, ``--rounds`` times, in alternating order:
 
 - **alone**: one client PATCHes backend weights through the API (``--patches`` requests, one
   at a time, keep-alive), nothing else running;
-- **under reads**: the same PATCHes while ``--readers`` clients loop ``GET /metrics`` and
-  ``GET /service/<vs>`` (alternately) as fast as the API answers them.
+- **under reads**: the same PATCHes while ``--readers`` clients loop ``GET /metrics`` (with
+  ``Accept-Encoding: gzip``, as Prometheus scrapes) and ``GET /service/<vs>`` (alternately) as
+  fast as the API answers them.
 
 Figures: the writer's own commit latency (receive to reply, measured in the writer, read back
 with the bus request ``writer.latency``) p50/p99, the PATCH latency through the API p50/p99, and
-one scrape of ``/metrics`` alone (median of 5). Each figure is the median over rounds.
+one scrape of ``/metrics`` alone (median of 5, gzip as Prometheus asks, and without). Each figure is the median over rounds.
+
+Renderers (``--render-sizes``, same run, no sockets): the writer's part of ``/metrics`` for
+the same table (an engine over the fake kernel, every backend with kernel counters), rendered
+(a) the former way, ``state.dump`` views -> msgpack -> ``metrics.families`` ->
+prometheus_client's ``generate_latest``; (b) prometheus_client from the new rows
+(``exposition.library_families``: the library beside the hand-written renderer, same data);
+(c) ``exposition.render`` from the same rows, first with a new layout (label prefixes made),
+then with the layout kept and every counter changed, then with nothing changed (what a scrape
+costs while the cache is cold but the rows are the last ones). Each (b)/(c) figure starts from
+the writer's ``metrics.rows`` through msgpack, as the API gets it. Median of ``--render-runs``.
 
 Targets (issue 10): the writer's commit p99 under reads <= 1.2x alone; the API's PATCH p99 under
 reads <= 2x alone (the API's CPU is shared with the readers); a scrape at 10,000 backends
@@ -80,15 +91,21 @@ def run_patches(reqs: list[bytes]) -> list[float]:
             status, body = conn.roundtrip(req)
             lat.append(time.perf_counter() - t)
             if status != 200:
-                raise SystemExit(f"PATCH answered {status}: {body[:200]!r}")
+                raise SystemExit(f"PATCH answered {status}: {bytes(body[:200])!r}")
     finally:
         conn.close()
     return lat
 
 
+def scrape_request(gzip: bool = True) -> bytes:
+    """GET /metrics; with ``Accept-Encoding: gzip``, as Prometheus always sends it."""
+    req = http_request("GET", "/metrics", b"")
+    return req.replace(b"\r\n\r\n", b"\r\nAccept-Encoding: gzip\r\n\r\n", 1) if gzip else req
+
+
 def reader(stop: list[bool], counts: dict) -> None:
     conn = Conn(("127.0.0.1", PORT))
-    get = [http_request("GET", "/metrics", b""), http_request("GET", "/service/s0", b"")]
+    get = [scrape_request(), http_request("GET", "/service/s0", b"")]
     i = 0
     try:
         while not stop[0]:
@@ -116,15 +133,18 @@ def measure(gorb: Gorb, reqs: list[bytes], readers: int) -> dict:
             "writer_p99": pct(writer, 99), "reads": counts["reads"]}
 
 
-def scrape(n: int = 5) -> float:
+def scrape(n: int = 5, gzip: bool = True) -> float:
+    """Median seconds of ``n`` scrapes, each on a new connection, to the last byte received
+    (gzip: the compressed body, as Prometheus receives it; its decompression is the
+    scraper's)."""
     times = []
     for _ in range(n):
         conn = Conn(("127.0.0.1", PORT))
         t = time.perf_counter()
-        status, body = conn.roundtrip(http_request("GET", "/metrics", b""))
+        status, body = conn.roundtrip(scrape_request(gzip))
         times.append(time.perf_counter() - t)
         conn.close()
-        assert status == 200 and b"gorb_" in body
+        assert status == 200 and len(body) > 0
     return statistics.median(times)
 
 
@@ -143,10 +163,115 @@ def bench(backends: int, rounds: int, n_patches: int, readers: int) -> dict:
         out = {kind: {k: statistics.median(m[k] for m in ms) for k in ms[0]}
                for kind, ms in runs.items()}
         out["scrape_s"] = scrape()
+        out["scrape_plain_s"] = scrape(gzip=False)
         return out
     finally:
         gorb.stop()
         subprocess.run(["ipvsadm", "-C"], check=False)  # the next size starts empty
+
+
+def render_bench(backends: int, runs: int) -> dict[str, float]:
+    """Seconds per render of the writer's part of /metrics, each way (module docstring)."""
+    import msgpack
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from gorb.common.messages import MetricRows
+    from gorb.services.api import exposition, metrics
+    from gorb.services.ipvs_writer.engine import Engine
+    from tests.service.fake_kernel import FakeKernel
+
+    kernel = FakeKernel()
+    engine = Engine({}, kernel, lambda services: None)
+    reqs = [("service.create", {"service": f"s{s}", "options": {
+        "host": f"10.99.0.{s + 1}", "port": 80, "pulse": {"type": "none"}}})
+        for s in range(SERVICES)]
+    reqs += [("backend.create", {"service": f"s{i % SERVICES}", "backend": f"b{i}", "options": {
+        "host": f"10.{100 + i // 65025}.{i // 255 % 255}.{i % 255 + 1}", "port": 8080,
+        "pulse": {"type": "none"}}}) for i in range(backends)]
+    for j in range(0, len(reqs), 500):
+        engine.handle_batch(reqs[j:j + 500])
+    live = kernel.dump()
+
+    def count(offset: int) -> None:  # every counter moves, as under traffic
+        for svc in live.values():
+            svc.stats = {k: 1000 + offset for k in ("conns", "inpkts", "outpkts", "inbytes",
+                                                     "outbytes")}
+            for i, d in enumerate(svc.dests.values()):
+                d.stats = {"conns": i + offset, "inpkts": 10 * i + offset,
+                           "outpkts": 9 * i + offset, "inbytes": 1500 * i + offset,
+                           "outbytes": 1400 * i + offset, "activeconns": i % 7,
+                           "inactconns": i % 5, "persistconns": 0}
+        engine.observed_version += 1  # a new snapshot: the writer rebuilds its columns
+
+    count(0)
+    engine._live_table = lambda: live  # the reader thread's snapshot, fixed
+    now = time.time()
+
+    def old_path() -> bytes:
+        wire = msgpack.packb(engine.read("state.dump", {"stats": True}))
+        fams = metrics.families(msgpack.unpackb(wire)["data"]["services"], now)
+        return generate_latest(_fixed_registry(CollectorRegistry, fams))
+
+    def rows(known: int) -> MetricRows:
+        wire = msgpack.packb(engine.read("metrics.rows", {"generation": known}))
+        return msgspec.convert(msgpack.unpackb(wire)["data"], MetricRows)
+
+    first = rows(-1)
+    labels = first.labels
+
+    def library() -> bytes:
+        r = rows(-1)
+        layout = exposition.Layout(r.generation, r.labels)
+        fams = exposition.library_families(layout, labels, exposition.values(r, layout.sizes, now))
+        return generate_latest(_fixed_registry(CollectorRegistry, fams))
+
+    def direct(layout: exposition.Layout | None) -> bytes:
+        r = rows(-1 if layout is None else layout.generation)
+        layout = layout or exposition.Layout(r.generation, r.labels)
+        return b"".join(exposition.render(layout, exposition.values(r, layout.sizes, now)))
+
+    kept = exposition.Layout(first.generation, labels)
+    assert direct(kept) == library() == old_path(), "the renderers disagree"
+    out: dict[str, list[float]] = {"old_path": [], "library": [], "direct_new_layout": [],
+                                   "direct_counters_moved": [], "direct_unchanged": []}
+    for run in range(runs):
+        for name, fn in (("old_path", old_path), ("library", library),
+                         ("direct_new_layout", lambda: direct(None)),
+                         ("direct_counters_moved", lambda: direct(kept)),
+                         ("direct_unchanged", lambda: direct(kept))):
+            if name == "direct_counters_moved":
+                count(run + 1)  # not timed
+            t = time.perf_counter()
+            body = fn()
+            out[name].append(time.perf_counter() - t)
+    result = {k: statistics.median(v) for k, v in out.items()}
+    result["bytes"] = len(body)
+    return result
+
+
+def _fixed_registry(cls, fams):
+    reg = cls(auto_describe=False)
+
+    class Fixed:
+        def collect(self):
+            return fams
+
+    reg.register(Fixed())
+    return reg
+
+
+def report_render(n: int, r: dict[str, float]) -> None:
+    print(f"\nthe writer's part of /metrics at {n} backends ({r['bytes'] / 1e6:.1f} MB), "
+          "same rows, one run (median ms)")
+    print("| renderer | ms |")
+    print("|---|---|")
+    for key, name in (("old_path", "before: state.dump views + families() + generate_latest"),
+                      ("library", "prometheus_client from metrics.rows (library_families)"),
+                      ("direct_new_layout", "exposition.render, new layout"),
+                      ("direct_counters_moved", "exposition.render, layout kept, counters moved"),
+                      ("direct_unchanged", "exposition.render, layout kept, nothing moved")):
+        print(f"| {name} | {r[key] * 1e3:.1f} |")
+    print(f"library / direct (counters moved): {r['library'] / r['direct_counters_moved']:.1f}x")
 
 
 def report(n: int, s: dict) -> bool:
@@ -165,8 +290,9 @@ def report(n: int, s: dict) -> bool:
           f"{'met' if ok_w else 'NOT met'})")
     print(f"PATCH p99 through the API under reads / alone: {api_ratio:.2f}x (target <= 2x: "
           f"{'met' if ok_a else 'NOT met'})")
-    print(f"one /metrics scrape alone: {s['scrape_s'] * 1e3:.1f} ms"
-          + (f" (target <= 100 ms: {'met' if ok_s else 'NOT met'})" if n >= 10_000 else ""))
+    print(f"one /metrics scrape alone (gzip, as Prometheus asks): {s['scrape_s'] * 1e3:.1f} ms"
+          + (f" (target <= 100 ms: {'met' if ok_s else 'NOT met'})" if n >= 10_000 else "")
+          + f"; without gzip {s['scrape_plain_s'] * 1e3:.1f} ms")
     return ok_w and ok_a and ok_s
 
 
@@ -176,6 +302,8 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--patches", type=int, default=300)
     p.add_argument("--readers", type=int, default=4)
+    p.add_argument("--render-sizes", default="10000", help="'' to skip the renderer rows")
+    p.add_argument("--render-runs", type=int, default=3)
     p.add_argument("--in-netns", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
     if not a.in_netns:
@@ -193,6 +321,9 @@ def main() -> int:
     print(f"bench_reads: sizes {a.sizes}, {a.rounds} rounds, {a.patches} PATCHes, "
           f"{a.readers} readers; uname {os.uname().release}, {os.cpu_count()} CPU(s)", flush=True)
     results, ok = {}, True
+    for n in (int(x) for x in a.render_sizes.split(",") if x):
+        results[f"render_{n}"] = render_bench(n, a.render_runs)
+        report_render(n, results[f"render_{n}"])
     for n in (int(x) for x in a.sizes.split(",")):
         results[n] = bench(n, a.rounds, a.patches, a.readers)
         ok = report(n, results[n]) and ok

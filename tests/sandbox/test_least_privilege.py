@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import pwd
-import socket
 import stat
 import subprocess
 from pathlib import Path

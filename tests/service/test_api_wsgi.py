@@ -13,6 +13,7 @@ from pathlib import Path
 
 import jsonschema_rs
 import pytest
+import webob
 import webtest
 import zmq.green
 from prometheus_client.parser import text_string_to_metric_families
@@ -583,6 +584,109 @@ def test_metrics_without_a_writer_still_answer_with_gorb_up_0(h):
     assert s[("gorb_up", ())] == 0
     assert not any(name.startswith("gorb_service") for name, _ in s)
     assert any(name.startswith("process_") for name, _ in s)
+
+
+@pytest.fixture
+def cached(tmp_path):
+    """A harness whose /metrics body lives a minute (``metrics_ttl``)."""
+    with short_rundir() as rundir:
+        harness = Harness(rundir, tmp_path / "state.json", metrics_ttl=60.0)
+        try:
+            yield harness
+        finally:
+            harness.close()
+
+
+DEST_A = (WEB_KEY, ("10.1.0.1", 8080))
+
+
+def _dest_stats(conns):
+    return {"conns": conns, "inpkts": 2, "outpkts": 3, "inbytes": 4, "outbytes": 5,
+            "activeconns": 6, "inactconns": 7, "persistconns": 0}
+
+
+def test_metrics_is_one_body_for_its_ttl_and_a_new_or_deleted_object_drops_it(cached):
+    h = cached
+    web(h)
+    backend(h, "a")
+    h.kernel.dest_stats[DEST_A] = _dest_stats(1)
+    first = h.call("GET", "/metrics")
+    h.kernel.dest_stats[DEST_A] = _dest_stats(9)  # the kernel moved
+    ok(h.call("PATCH", "/service/web/a", {"weight": 7}))  # a PATCH: within the ttl
+    again = h.call("GET", "/metrics")
+    assert again.body == first.body  # the same body: request counters included
+    assert int(again.headers["Content-Length"]) == len(again.body)
+    backend(h, "b", host="10.1.0.2")  # a new series: dropped
+    s = scrape(h)
+    a = L(service_name="web", name="a", host="10.1.0.1", port="8080")
+    assert (s[("gorb_service_backend_weight", a)], s[("gorb_ipvs_backend_connections_total", a)]) \
+        == (7, 9)
+    assert ("gorb_service_backend_weight", L(service_name="web", name="b", host="10.1.0.2",
+                                              port="8080")) in s
+    ok(h.call("DELETE", "/service/web/b"))
+    assert not any(dict(labels).get("name") == "b" for _, labels in scrape(h))
+
+
+def test_metrics_in_gzip_for_a_scraper_that_asks_as_prometheus_does(cached):
+    import gzip
+
+    h = cached
+    web(h)
+    backend(h, "a")
+    plain = h.call("GET", "/metrics")
+    assert "Content-Encoding" not in plain.headers and plain.headers["Vary"] == "Accept-Encoding"
+    backend(h, "b", host="10.1.0.2")  # a new body: rendered with its compressed copy
+    # straight to the WSGI app: webtest would undo the encoding
+    zipped = webob.Request.blank("/metrics", headers={"Accept-Encoding": "gzip, deflate"},
+                                 remote_addr="192.0.2.7").get_response(h.app.app)
+    assert zipped.headers["Content-Encoding"] == "gzip"
+    assert int(zipped.headers["Content-Length"]) == len(zipped.body)
+    assert gzip.decompress(zipped.body) == h.call("GET", "/metrics").body
+
+
+def test_metrics_without_a_ttl_is_rendered_at_every_scrape(tmp_path):
+    with short_rundir() as rundir:
+        h = Harness(rundir, tmp_path / "state.json", metrics_ttl=0.0)
+        try:
+            web(h)
+            backend(h, "a")
+            a = L(service_name="web", name="a", host="10.1.0.1", port="8080")
+            for conns in (1, 2):
+                h.kernel.dest_stats[DEST_A] = _dest_stats(conns)
+                assert scrape(h)[("gorb_ipvs_backend_connections_total", a)] == conns
+        finally:
+            h.close()
+
+
+def test_the_writers_part_of_metrics_is_what_the_state_dump_renders(h):
+    """Through the route, at a size where the sort orders and the counters matter: the text
+    before the process's own collectors equals prometheus_client's from ``state.dump``."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from gorb.services.api.metrics import families
+
+    web(h)
+    ok(h.call("PUT", "/service/dns", {"host": "10.0.0.53", "port": 53, "protocol": "udp"}))
+    for i in range(120):
+        backend(h, f"b{(i * 37) % 120}", host=f"10.1.{i // 200}.{i % 200 + 1}", weight=i % 50)
+    for i in range(0, 120, 3):
+        h.kernel.dest_stats[(WEB_KEY, (f"10.1.{i // 200}.{i % 200 + 1}", 8080))] = \
+            _dest_stats(i * 10**9)
+    h.kernel.stats[WEB_KEY] = {"conns": 11, "inpkts": 12, "outpkts": 13, "inbytes": 14,
+                               "outbytes": 15}
+    body = h.call("GET", "/metrics").body
+    now = time.time()
+    dump = h.client.request("state.dump", {"stats": True})["data"]["services"]
+    reg = CollectorRegistry(auto_describe=False)
+
+    class Fixed:
+        def collect(self):
+            return families(dump, now)
+
+    reg.register(Fixed())
+    want = generate_latest(reg)
+    assert body[:len(want)] == want
+    assert body[len(want):].startswith(b"# HELP process_")
 
 
 def test_the_apis_own_requests_are_counted_by_route_pattern_and_timed(h):

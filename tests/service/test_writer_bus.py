@@ -115,6 +115,7 @@ def test_every_request_type_over_the_bus(writer, client):
         ("service.get", {"service": "web"}, None),
         ("backend.get", {"service": "web", "backend": "a"}, None),
         ("state.dump", {}, None),
+        ("metrics.rows", {}, None),
         ("pulse.targets", {"worker": 0, "workers": 1}, None),
         ("writer.latency", {}, None),
         ("backend.delete", {"service": "web", "backend": "a"}, OK),
@@ -137,6 +138,7 @@ def test_every_request_type_over_the_bus(writer, client):
     assert replies["backend.get"]["options"]["weight"] == 0
     assert replies["backend.get"]["kernel"]["weight"] == 0
     assert set(replies["state.dump"]["services"]) == {"web"}
+    assert replies["metrics.rows"]["labels"]["services"] == [["web", "10.0.0.1", "80", "tcp"]]
     (target,) = replies["pulse.targets"]["targets"]  # the default pulse: tcp to the backend
     assert (target["type"], target["port"], target["status"]) == ("tcp", 8080, "unknown")
     assert writer.kernel.snapshot() == {}

@@ -7,7 +7,6 @@ restarted writer adopting the table: tests/sandbox/test_kernel_stall.py."""
 from __future__ import annotations
 
 import errno
-import os
 import shutil
 import socket
 import struct

@@ -7,7 +7,7 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gorb.services.api.metrics import WriterCollector, families
+from gorb.services.api.metrics import WriterMetrics, families
 from gorb.services.api.writer_client import WriterUnavailable
 
 pytestmark = pytest.mark.timeout(10)
@@ -149,12 +149,32 @@ class _Client:
         return self.reply
 
 
-def test_the_collector_asks_for_a_dump_with_stats_on_every_collect():
-    client = _Client({"ok": True, "errno": "ok", "reason": "", "data": {"services": DUMP}})
-    collector = WriterCollector(client)
-    list(collector.collect())
-    list(collector.collect())
-    assert client.asked == [("state.dump", {"stats": True})] * 2
+ROWS = {"schema": 1, "generation": 7,
+        "labels": {"services": [["dns", "10.0.0.53", "53", "udp"]], "sizes": [0], "backends": []},
+        "service_stats": {k: [None] for k in ("conns", "inpkts", "outpkts", "inbytes",
+                                              "outbytes")},
+        "backends": {"weight": [], "kernel_weight": [], "status": [], "since": [],
+                     "held_in": [], "check_at": [], "check_ok": [], "check_latency": [],
+                     "check_health": [], "check_passes": [], "check_failures": [],
+                     "stats": {}}}
+
+
+def test_the_writer_part_asks_for_rows_on_every_render_naming_the_labels_it_holds():
+    client = _Client({"ok": True, "errno": "ok", "reason": "", "data": ROWS})
+    metrics = WriterMetrics(client)
+    first = b"".join(metrics.chunks(NOW)).decode()
+    client.reply = {**client.reply, "data": {**ROWS, "labels": None}}  # the writer leaves
+    second = b"".join(metrics.chunks(NOW)).decode()                               # them out: kept
+    assert client.asked == [("metrics.rows", {"generation": -1}),
+                            ("metrics.rows", {"generation": 7})]
+    assert first == second and 'gorb_service_backends{host="10.0.0.53",name="dns"' in first
+
+
+def test_labels_of_an_unknown_generation_are_asked_for_again():
+    client = _Client({"ok": True, "errno": "ok", "reason": "", "data": {**ROWS, "labels": None}})
+    [up] = list(WriterMetrics(client).chunks(NOW))  # never sent labels: a writer bug
+    assert client.asked == [("metrics.rows", {"generation": -1})] * 2
+    assert up.endswith(b"gorb_up 0.0\n")
 
 
 @pytest.mark.parametrize("client", [
@@ -162,8 +182,8 @@ def test_the_collector_asks_for_a_dump_with_stats_on_every_collect():
     _Client({"ok": False, "errno": "internal", "reason": "boom", "data": None}),
 ])
 def test_the_collector_reports_gorb_up_0_when_the_writer_fails(client):
-    [up] = list(WriterCollector(client).collect())
-    assert up.name == "gorb_up" and up.samples[0].value == 0
+    [up] = list(WriterMetrics(client).chunks(NOW))
+    assert up.splitlines()[-1] == b"gorb_up 0.0"
 
 
 def test_pulse_details_and_fail_open_in_metrics():
