@@ -18,6 +18,7 @@ import socket
 import struct
 import sys
 import threading
+import time
 
 from gorb.services.ipvs_writer import codec, main, netlink
 
@@ -59,6 +60,17 @@ def scripted_kernel(peer: socket.socket) -> None:
             body = struct.pack("=i", 0) + (b"\0" * 16 if kind == codec.NLMSG_ERROR else b"")
             replies.append(struct.pack("=IHHII", 16 + len(body), kind, 0, seq, 0) + body)
         peer.send(b"".join(replies))
+
+
+def stall(client, proc, host: str, wait: float) -> tuple[int, float]:
+    """Send the poison request (a service at ``host``:POISON_PORT) over the bus ``client`` and
+    wait at most ``wait`` seconds for the writer ``proc`` to exit: (its status, seconds from the
+    send)."""
+    sent = time.monotonic()
+    client.send("service.create", {"service": "poison", "options": {
+        "host": host, "port": POISON_PORT, "method": "rr"}})
+    rc = proc.wait(timeout=wait)
+    return rc, time.monotonic() - sent
 
 
 def kernel_factory(mode: str):

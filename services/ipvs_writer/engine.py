@@ -86,8 +86,9 @@ class Engine:
         self.observed_version = 0  # changes whenever ``observed`` does
         self.metric_rows = MetricRowsBuilder(held)
         self._targets: dict[str, TargetGroup] | None = None  # cache; None = to be rebuilt
-        self.targets_changed = False  # set when a mutation changed check targets: see
-        self.changed_shards: set[int] | None = set()  # their shards of pulse_workers; None: all
+        # the shards (of pulse_workers) whose check targets changed since the last notice;
+        # None: every shard
+        self.changed_shards: set[int] | None = set()
         self.pulse_workers = 0  # how the workers split the checks (their last pulse.targets)
 
     # start and reconcile ------------------------------------------------------------------------
@@ -215,18 +216,15 @@ class Engine:
                     self.observed_version += 1
 
     def _note_targets_changed(self, shards: set[int] | None) -> None:
-        self.targets_changed = True
         if self.changed_shards is not None:
             self.changed_shards = None if shards is None else self.changed_shards | shards
 
     def take_targets_changed(self) -> TargetsChanged | None:
         """The notice for the pulse workers of what changed since the last one, or None."""
-        if not self.targets_changed:
-            return None
-        shards, self.targets_changed, self.changed_shards = self.changed_shards, False, set()
+        shards, self.changed_shards = self.changed_shards, set()
         if shards is None:
             return TargetsChanged()
-        return TargetsChanged(self.pulse_workers, sorted(shards))
+        return TargetsChanged(self.pulse_workers, sorted(shards)) if shards else None
 
     # health -------------------------------------------------------------------------------------
 

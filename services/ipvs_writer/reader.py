@@ -56,9 +56,6 @@ class Snapshots:
         self._wake.set()
         self._thread.join(timeout=5)
 
-    def age(self) -> float:
-        return self.clock() - self._snap[0]
-
     def usable(self, since: float = float("-inf")) -> dict[SKey, KService] | None:
         """The snapshot if it is fresh (at most ``STALE_AFTER`` intervals old) and was taken
         after ``since`` (a clock() reading: the service's last commit); else None, and a refresh

@@ -507,6 +507,20 @@ def report(s: dict, n: int, rounds: int, levels: tuple[int, ...], host: bool = F
     return ok
 
 
+def in_fresh_netns(module: str) -> int:
+    """Run ``python -m module --in-netns <our arguments>`` in a fresh namespace (lo up), so that
+    everything, load generator included, runs there; its exit status."""
+    ns = f"bench{module.rsplit('_', 1)[-1]}{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        subprocess.run(["ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up"], check=True)
+        return subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-m", module,
+                               "--in-netns", *sys.argv[1:]], cwd=REPO).returncode
+    finally:
+        subprocess.run(f"ip netns pids {ns} | xargs -r kill -9", shell=True)
+        subprocess.run(["ip", "netns", "del", ns])
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--backends", type=int, default=500, help="backends per measurement")
@@ -523,18 +537,7 @@ def main() -> int:
     a = p.parse_args()
     levels = tuple(int(x) for x in a.levels.split(","))
     if not a.in_netns:
-        # Everything, load generator included, runs in a fresh namespace: re-execute inside.
-        ns = f"benchapi{os.getpid()}"
-        subprocess.run(["ip", "netns", "add", ns], check=True)
-        try:
-            subprocess.run(["ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up"],
-                           check=True)
-            return subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-m",
-                                   "tests.bench.bench_api", "--in-netns", *sys.argv[1:]],
-                                  cwd=REPO).returncode
-        finally:
-            subprocess.run(f"ip netns pids {ns} | xargs -r kill -9", shell=True)
-            subprocess.run(["ip", "netns", "del", ns])
+        return in_fresh_netns("tests.bench.bench_api")
     print(f"bench_api: {a.backends} backends, {a.rounds} rounds, clients {levels}; "
           f"uname {os.uname().release}, {os.cpu_count()} CPU(s)"
           f"{', host, fake kernel' if a.host else ' in the guest'}", flush=True)

@@ -47,7 +47,7 @@ from pathlib import Path
 import gevent
 import msgspec
 
-from tests.bench.bench_api import PORT, Conn, Gorb, http_request, pct
+from tests.bench.bench_api import PORT, Conn, Gorb, http_request, in_fresh_netns, pct
 
 REPO = Path(__file__).resolve().parents[2]
 SERVICES = 10
@@ -307,17 +307,7 @@ def main() -> int:
     p.add_argument("--in-netns", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
     if not a.in_netns:
-        ns = f"benchreads{os.getpid()}"
-        subprocess.run(["ip", "netns", "add", ns], check=True)
-        try:
-            subprocess.run(["ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up"],
-                           check=True)
-            return subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-m",
-                                   "tests.bench.bench_reads", "--in-netns", *sys.argv[1:]],
-                                  cwd=REPO).returncode
-        finally:
-            subprocess.run(f"ip netns pids {ns} | xargs -r kill -9", shell=True)
-            subprocess.run(["ip", "netns", "del", ns])
+        return in_fresh_netns("tests.bench.bench_reads")
     print(f"bench_reads: sizes {a.sizes}, {a.rounds} rounds, {a.patches} PATCHes, "
           f"{a.readers} readers; uname {os.uname().release}, {os.cpu_count()} CPU(s)", flush=True)
     results, ok = {}, True

@@ -30,8 +30,8 @@ from tests.bench.bench_writer import (
     Netns,
     WriterProc,
     bench_converge,
+    bus_requests,
     engine_run,
-    entries,
     ipvsadm_lines,
     time_ipvsadm,
 )
@@ -44,15 +44,8 @@ def writer_rates(services: int, per: int) -> tuple[float, float]:
     try:
         w = WriterProc(ns.name, work)
         w.start()
-        creates, sets = [], []
-        w.pipelined([("service.create", {"service": f"s{s}", "options": {"host": vip, "port": 80}})
-                     for s, (vip, _) in enumerate(entries(services, per))])
-        for s, (_, dests) in enumerate(entries(services, per)):
-            for d, ip in enumerate(dests):
-                creates.append(("backend.create", {"service": f"s{s}", "backend": f"b{d}",
-                                                   "options": {"host": ip, "port": 8080}}))
-                sets.append(("backend.update", {"service": f"s{s}", "backend": f"b{d}",
-                                                "weight": 50}))
+        svcs, creates, sets = bus_requests(services, per)
+        w.pipelined(svcs)
         n = len(creates)
         add = n / w.pipelined(creates)
         set_ = n / w.pipelined(sets)

@@ -68,6 +68,19 @@ def entries(services: int, per: int):
                     for d in range(per)]
 
 
+def bus_requests(services: int, per: int) -> tuple[list, list, list]:
+    """The writer's requests for ``entries``: the services, their backends, a weight for each."""
+    svcs, creates, sets = [], [], []
+    for s, (vip, dests) in enumerate(entries(services, per)):
+        svcs.append(("service.create", {"service": f"s{s}", "options": {"host": vip, "port": 80}}))
+        for d, ip in enumerate(dests):
+            creates.append(("backend.create", {"service": f"s{s}", "backend": f"b{d}",
+                                               "options": {"host": ip, "port": 8080}}))
+            sets.append(("backend.update", {"service": f"s{s}", "backend": f"b{d}",
+                                            "weight": 50}))
+    return svcs, creates, sets
+
+
 def ipvsadm_lines(services: int, per: int, weight: int, add: bool) -> str:
     lines = []
     for vip, dests in entries(services, per):
@@ -156,15 +169,8 @@ def bench_rates(services: int, per: int, rounds: int) -> dict:
                 elif who == "writer":
                     w = WriterProc(ns.name, work)
                     w.start()
-                    creates, sets = [], []
-                    for s, (vip, dests) in enumerate(entries(services, per)):
-                        w.pipelined([("service.create", {"service": f"s{s}",
-                                                         "options": {"host": vip, "port": 80}})])
-                        for d, ip in enumerate(dests):
-                            creates.append(("backend.create", {"service": f"s{s}", "backend": f"b{d}",
-                                                               "options": {"host": ip, "port": 8080}}))
-                            sets.append(("backend.update", {"service": f"s{s}", "backend": f"b{d}",
-                                                            "weight": 50}))
+                    svcs, creates, sets = bus_requests(services, per)
+                    w.pipelined(svcs)
                     res["writer_add"].append(n / w.pipelined(creates))
                     res["writer_set"].append(n / w.pipelined(sets))
                     w.stop()

@@ -138,11 +138,18 @@ def _chunks(ops: list, n: int = netlink.BATCH):
         yield ops[i:i + n]
 
 
-def run_api(svcs: list[Op], adds: list[Op], sets: list[Op]) -> tuple[float, float]:
+def _with_services(svcs: list[Op]) -> tuple[IPVS, dict[int, object]]:
+    """An ``IPVS`` socket with the services of ``svcs`` added, and their pyroute2 objects by
+    the id of gorb's ``KService``."""
     ipvs = IPVS()
     objs = {id(op.service): service_obj(op.service) for op in svcs}
     for op in svcs:
         ipvs.service("add", service=objs[id(op.service)])
+    return ipvs, objs
+
+
+def run_api(svcs: list[Op], adds: list[Op], sets: list[Op]) -> tuple[float, float]:
+    ipvs, objs = _with_services(svcs)
 
     def run(ops, verb):
         t = time.perf_counter()
@@ -176,10 +183,7 @@ def run_async(svcs: list[Op], adds: list[Op], sets: list[Op]) -> tuple[float, fl
 
 
 def run_batch(svcs: list[Op], adds: list[Op], sets: list[Op]) -> tuple[float, float]:
-    ipvs = IPVS()
-    objs = {id(op.service): service_obj(op.service) for op in svcs}
-    for op in svcs:
-        ipvs.service("add", service=objs[id(op.service)])
+    ipvs, objs = _with_services(svcs)
 
     def run(ops, verb):
         t = time.perf_counter()

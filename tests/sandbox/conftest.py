@@ -21,6 +21,7 @@ never from this checkout.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import pwd
@@ -138,9 +139,10 @@ def ipvsadm(ns: str) -> dict[str, dict]:
 
 # --- namespaces and the writer ------------------------------------------------------------------
 
-@pytest.fixture
-def netns():
-    """A factory of fresh network namespaces with lo up; all deleted at teardown."""
+@contextlib.contextmanager
+def namespaces():
+    """A factory of fresh network namespaces with lo up, all deleted (their processes killed)
+    on exit: for fixtures of any scope (``netns`` is the per-test one)."""
     made: list[str] = []
 
     def make(prefix: str = "g") -> str:
@@ -150,10 +152,26 @@ def netns():
         made.append(name)
         return name
 
-    yield make
-    for name in made:
-        sh(f"ip netns pids {name} | xargs -r kill -9", check=False)
-        sh(f"ip netns del {name}", check=False)
+    try:
+        yield make
+    finally:
+        for name in made:
+            sh(f"ip netns pids {name} | xargs -r kill -9", check=False)
+            sh(f"ip netns del {name}", check=False)
+
+
+@pytest.fixture
+def netns():
+    """A factory of fresh network namespaces with lo up; all deleted at teardown."""
+    with namespaces() as make:
+        yield make
+
+
+@pytest.fixture(scope="module")
+def module_netns():
+    """``netns`` for module-scoped fixtures: deleted after the module's last test."""
+    with namespaces() as make:
+        yield make
 
 
 @dataclass

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import stat
 import subprocess
 from pathlib import Path
 
@@ -28,9 +27,10 @@ import pytest
 
 from tests.sandbox import topology
 from tests.sandbox.conftest import ipvsadm, sh
-from tests.sandbox.test_least_privilege import creds, expected_creds, status_of
+from tests.sandbox.test_least_privilege import creds, expected_creds, owner_mode, status_of
 from tests.sandbox.test_supervised import PROGRAMS, Gorb, poll, proc_table
 from tests.sandbox.topology import BACKEND_PORT, VIP, VIP_PORT
+from tests.unit.test_deb_files import unit_settings
 
 DEB = os.environ.get("GORB_TEST_DEB", "")
 UNIT = "lib/systemd/system/gorb.service"
@@ -53,12 +53,7 @@ def dpkg(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProc
 
 
 def unit_keys(root: Path) -> dict[str, str]:
-    keys = {}
-    for line in (root / UNIT).read_text().splitlines():
-        if "=" in line and not line.startswith(("#", "[")):
-            key, value = line.split("=", 1)
-            keys[key] = value
-    return keys
+    return {key: values[-1] for key, values in unit_settings(root / UNIT).items()}
 
 
 def systemd_like(root: Path) -> list[str]:
@@ -113,11 +108,6 @@ def account(root: Path) -> tuple[int, int]:
     raise AssertionError("the package did not create the gorb account")
 
 
-def owner_mode(path: Path) -> tuple[int, int, int]:
-    st = os.lstat(path)
-    return st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)
-
-
 def test_the_package_installs_its_account_files_and_unit(clean_root):
     root = clean_root
     uid, gid = account(root)
@@ -143,19 +133,10 @@ def test_the_package_installs_its_account_files_and_unit(clean_root):
 
 
 @pytest.fixture(scope="module")
-def service(clean_root, tmp_path_factory):
+def service(clean_root, tmp_path_factory, module_netns):
     """gorb.service started as systemd would, with a token added to /etc/gorb/gorb.toml the
     way the README tells, over the NAT topology."""
     root = clean_root
-    made: list[str] = []
-
-    def netns(prefix: str = "g") -> str:
-        name = f"db{prefix}{os.getpid() % 1000}x{len(made)}"
-        subprocess.run(["ip", "netns", "add", name], check=True)
-        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
-        made.append(name)
-        return name
-
     uid, gid = account(root)
     secret = root / "etc/gorb/ops.token"
     secret.write_text(TOKEN + "\n")
@@ -163,7 +144,7 @@ def service(clean_root, tmp_path_factory):
     secret.chmod(0o640)
     with open(root / "etc/gorb/gorb.toml", "a") as f:
         f.write('\n[api.tokens]\nops = { secret_file = "/etc/gorb/ops.token", role = "admin" }\n')
-    topo = topology.build(netns, n_backends=2)
+    topo = topology.build(module_netns, n_backends=2)
     gorb = Gorb(topo.lb, tmp_path_factory.mktemp("debrun"), listen="127.0.0.1:4672",
                 command=systemd_like(root), run_dir=root / "run/gorb",
                 log_dir=root / "var/log/gorb")
@@ -174,9 +155,6 @@ def service(clean_root, tmp_path_factory):
     finally:
         gorb.close()
         topo.close()
-        for name in made:
-            subprocess.run(f"ip netns pids {name} | xargs -r kill -9", shell=True)
-            subprocess.run(["ip", "netns", "del", name])
 
 
 def api(gorb: Gorb, method: str, path: str, body=None, token: str | None = TOKEN):

@@ -16,7 +16,7 @@ from gorb.common import runtime
 from gorb.common.transport import RequestClient
 from tests import installed
 from tests.sandbox.conftest import REPO, ipvsadm
-from tests.stalling_kernel import POISON_PORT
+from tests.stalling_kernel import POISON_PORT, stall
 
 VIP = "10.77.0.100"
 
@@ -51,11 +51,7 @@ def test_a_stalled_kernel_exchange_exits_70_and_the_restart_adopts_the_table(wri
         round_trip = (time.monotonic() - started) / 2  # this guest's speed, for the bound below
         before = ipvsadm(w.ns)
         assert before[f"TCP {VIP}:80"]["dests"] == {"10.77.1.2:8080": ("Masq", 7)}
-        stalled_at = time.monotonic()
-        client.send("service.create", {"service": "poison", "options": {
-            "host": VIP, "port": POISON_PORT, "method": "rr"}})
-        rc = proc.wait(timeout=timeout + 60)
-        took = time.monotonic() - stalled_at
+        rc, took = stall(client, proc, VIP, timeout + 60)
     finally:
         client.close()
         ctx.destroy(linger=0)

@@ -47,20 +47,16 @@ def creds(status: dict[str, str]) -> dict:
             "nnp": int(status["NoNewPrivs"])}
 
 
+def owner_mode(path: Path) -> tuple[int, int, int]:
+    st = os.lstat(path)
+    return st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)
+
+
 @pytest.fixture(scope="module")
-def system(tmp_path_factory, gorb_account):
+def system(tmp_path_factory, gorb_account, module_netns):
     """One installed gorb run over the NAT topology, with one backend checked by an exec check
     that records the credentials it runs with."""
-    made: list[str] = []
-
-    def netns(prefix: str = "g") -> str:
-        name = f"lp{prefix}{os.getpid() % 1000}x{len(made)}"
-        subprocess.run(["ip", "netns", "add", name], check=True)
-        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
-        made.append(name)
-        return name
-
-    topo = topology.build(netns, n_backends=2)
+    topo = topology.build(module_netns, n_backends=2)
     root = tmp_path_factory.mktemp("lp")
     probe = root / "probe"
     probe.mkdir()
@@ -73,9 +69,6 @@ def system(tmp_path_factory, gorb_account):
     finally:
         gorb.close()
         topo.close()
-        for name in made:
-            subprocess.run(f"ip netns pids {name} | xargs -r kill -9", shell=True)
-            subprocess.run(["ip", "netns", "del", name])
 
 
 def test_the_installed_package_serves_traffic_through_a_vip(system):
@@ -145,11 +138,6 @@ def test_exec_checks_run_as_nobody_with_no_capabilities(system):
 def test_runtime_dir_and_sockets_belong_to_root_and_the_group(system):
     gorb, _, _, account = system
     rt = gorb.run_dir
-
-    def owner_mode(path: Path) -> tuple[int, int, int]:
-        st = os.lstat(path)
-        return st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)
-
     assert owner_mode(rt) == (0, account.pw_gid, 0o750)
     for name in (runtime.WRITER, runtime.EVENTS, runtime.HEALTH):
         path = rt / f"{name}.sock"

@@ -24,7 +24,7 @@ from gorb.common import runtime
 from gorb.common.transport import RequestClient
 from gorb.services.ipvs_writer import codec, netlink
 from gorb.services.ipvs_writer.table import KDest, KService, Op
-from tests.stalling_kernel import POISON_PORT
+from tests.stalling_kernel import stall
 
 pytestmark = pytest.mark.timeout(60)
 REPO = Path(__file__).resolve().parents[2]
@@ -191,11 +191,7 @@ def test_the_writer_exits_70_when_the_kernel_stops_answering(workdir):
         first = put(client, 80)
         assert first["ok"], first  # the kernel answers: applied
         round_trip = time.monotonic() - started  # this machine's speed, for the bound below
-        stalled_at = time.monotonic()
-        client.send("service.create", {"service": "poison", "options": {
-            "host": "10.0.0.1", "port": POISON_PORT}})
-        rc = proc.wait(timeout=timeout + 30)
-        took = time.monotonic() - stalled_at
+        rc, took = stall(client, proc, "10.0.0.1", timeout + 30)
     finally:
         client.close()
         ctx.destroy(linger=0)

@@ -60,13 +60,18 @@ def test_every_key_is_there_with_its_default(tmp_path):
     assert {t.role for t in cfg.api.tokens.values()} == {"admin", "read"}
 
 
-def unit() -> dict[str, list[str]]:
+def unit_settings(path: Path) -> dict[str, list[str]]:
+    """A systemd unit's ``Key=value`` lines: {key: its values in order}."""
     keys: dict[str, list[str]] = {}
-    for line in (DEB / "gorb.service").read_text().splitlines():
+    for line in path.read_text().splitlines():
         if "=" in line and not line.startswith(("#", "[")):
             key, value = line.split("=", 1)
             keys.setdefault(key, []).append(value)
     return keys
+
+
+def unit() -> dict[str, list[str]]:
+    return unit_settings(DEB / "gorb.service")
 
 
 def test_the_units_command_is_one_gorb_run_accepts():
