@@ -80,6 +80,40 @@ def _backend_labels(vsid: str, rsid: str, view: Mapping[str, Any]) -> list[str]:
     return [vsid, rsid, opts.get("host", ""), str(opts.get("port", 0))]
 
 
+# the reference renderer's families, in output order: (key, kind, name, help, labels)
+_FAMILIES = (
+    ("s_health", "gauge", "gorb_service_health", "Health of the load balancer service", "s"),
+    ("s_backends", "gauge", "gorb_service_backends",
+     "Number of backends in the load balancer service", "s"),
+    ("s_held", "gauge", "gorb_service_fail_open_held",
+     "Down backends that fail-open keeps in the service", "s"),
+    ("b_uptime", "gauge", "gorb_service_backend_uptime_seconds",
+     "Uptime in seconds of a backend service", "b"),
+    ("b_health", "gauge", "gorb_service_backend_health", "Health of a backend service", "b"),
+    ("b_status", "gauge", "gorb_service_backend_status",
+     "Status of a backend service (0 up, 1 down)", "b"),
+    ("b_weight", "gauge", "gorb_service_backend_weight", "Weight of a backend service", "b"),
+    ("b_held", "gauge", "gorb_service_backend_held_in",
+     "1 when fail-open keeps a down backend in its service", "b"),
+    ("b_ok", "gauge", "gorb_service_backend_check_ok",
+     "1 if the last health check passed, 0 if it failed", "b"),
+    ("b_latency", "gauge", "gorb_service_backend_check_latency_seconds",
+     "Duration of the last health check", "b"),
+    ("b_last", "gauge", "gorb_service_backend_last_check_timestamp_seconds",
+     "When the last health check ended (Unix time)", "b"),
+    ("b_passes", "gauge", "gorb_service_backend_consecutive_passes",
+     "Health checks passed in a row", "b"),
+    ("b_failures", "gauge", "gorb_service_backend_consecutive_failures",
+     "Health checks failed in a row", "b"),
+    *((f"s_{key}", "counter", f"gorb_ipvs_service_{suffix}", f"{text} by the IPVS service", "s")
+      for key, suffix, text in COUNTERS),
+    *((f"b_{key}", "counter", f"gorb_ipvs_backend_{suffix}", f"{text} by the IPVS backend", "b")
+      for key, suffix, text in COUNTERS),
+    *((f"g_{key}", "gauge", f"gorb_ipvs_backend_{suffix}", text, "b")
+      for key, suffix, text in DEST_GAUGES),
+)
+
+
 def families(services: Mapping[str, Mapping[str, Any]] | None, now: float) -> list[Metric]:
     """Metric families for a ``state.dump`` reply's ``services`` (None: the writer did not answer);
     ``now`` is the wall clock, for uptimes."""
@@ -87,83 +121,49 @@ def families(services: Mapping[str, Mapping[str, Any]] | None, now: float) -> li
     up.add_metric([], 0 if services is None else 1)
     if services is None:
         return [up]
-    s_health = GaugeMetricFamily("gorb_service_health", "Health of the load balancer service",
-                                 labels=SERVICE_LABELS)
-    s_backends = GaugeMetricFamily("gorb_service_backends",
-                                   "Number of backends in the load balancer service",
-                                   labels=SERVICE_LABELS)
-    b_uptime = GaugeMetricFamily("gorb_service_backend_uptime_seconds",
-                                 "Uptime in seconds of a backend service", labels=BACKEND_LABELS)
-    b_health = GaugeMetricFamily("gorb_service_backend_health", "Health of a backend service",
-                                 labels=BACKEND_LABELS)
-    b_status = GaugeMetricFamily("gorb_service_backend_status",
-                                 "Status of a backend service (0 up, 1 down)",
-                                 labels=BACKEND_LABELS)
-    b_weight = GaugeMetricFamily("gorb_service_backend_weight", "Weight of a backend service",
-                                 labels=BACKEND_LABELS)
-    b_held = GaugeMetricFamily("gorb_service_backend_held_in",
-                               "1 when fail-open keeps a down backend in its service",
-                               labels=BACKEND_LABELS)
-    s_held = GaugeMetricFamily("gorb_service_fail_open_held",
-                               "Down backends that fail-open keeps in the service",
-                               labels=SERVICE_LABELS)
-    b_ok = GaugeMetricFamily("gorb_service_backend_check_ok",
-                             "1 if the last health check passed, 0 if it failed",
-                             labels=BACKEND_LABELS)
-    b_latency = GaugeMetricFamily("gorb_service_backend_check_latency_seconds",
-                                  "Duration of the last health check", labels=BACKEND_LABELS)
-    b_last = GaugeMetricFamily("gorb_service_backend_last_check_timestamp_seconds",
-                               "When the last health check ended (Unix time)",
-                               labels=BACKEND_LABELS)
-    b_passes = GaugeMetricFamily("gorb_service_backend_consecutive_passes",
-                                 "Health checks passed in a row", labels=BACKEND_LABELS)
-    b_failures = GaugeMetricFamily("gorb_service_backend_consecutive_failures",
-                                   "Health checks failed in a row", labels=BACKEND_LABELS)
-    s_counters = {key: CounterMetricFamily(f"gorb_ipvs_service_{suffix}",
-                                           f"{text} by the IPVS service", labels=SERVICE_LABELS)
-                  for key, suffix, text in COUNTERS}
-    b_counters = {key: CounterMetricFamily(f"gorb_ipvs_backend_{suffix}",
-                                           f"{text} by the IPVS backend", labels=BACKEND_LABELS)
-                  for key, suffix, text in COUNTERS}
-    b_gauges = {key: GaugeMetricFamily(f"gorb_ipvs_backend_{suffix}", text, labels=BACKEND_LABELS)
-                for key, suffix, text in DEST_GAUGES}
+    fams = {key: (GaugeMetricFamily if kind == "gauge" else CounterMetricFamily)(
+                name, help_, labels=SERVICE_LABELS if which == "s" else BACKEND_LABELS)
+            for key, kind, name, help_, which in _FAMILIES}
     for vsid in sorted(services):
-        view = services[vsid]
-        labels = _service_labels(vsid, view)
-        backends = view.get("backends") or {}
-        s_health.add_metric(labels, views.service_health(backends, now))
-        s_backends.add_metric(labels, len(backends))
-        s_held.add_metric(labels, sum(1 for b in backends.values()
-                                      if (b.get("health") or {}).get("held_in")))
-        stats = (view.get("kernel") or {}).get("stats") or {}
-        for key, family in s_counters.items():
-            if key in stats:
-                family.add_metric(labels, stats[key])
-        for rsid in sorted(backends):
-            bview = backends[rsid]
-            blabels = _backend_labels(vsid, rsid, bview)
-            m = views.backend_metrics(bview, now)
-            b_uptime.add_metric(blabels, m["uptime"])
-            b_health.add_metric(blabels, m["health"])
-            b_status.add_metric(blabels, m["status"])
-            b_weight.add_metric(blabels, views.current_weight(bview))
-            b_held.add_metric(blabels, 1 if m["held_in"] else 0)
-            b_passes.add_metric(blabels, m["consecutive_passes"])
-            b_failures.add_metric(blabels, m["consecutive_failures"])
-            if m["last_result"] is not None:
-                b_ok.add_metric(blabels, 1 if m["last_result"]["ok"] else 0)
-                b_latency.add_metric(blabels, m["last_result"]["latency"] or 0.0)
-                b_last.add_metric(blabels, m["last_check"] or 0.0)
-            bstats = (bview.get("kernel") or {}).get("stats") or {}
-            for key, family in b_counters.items():
-                if key in bstats:
-                    family.add_metric(blabels, bstats[key])
-            for key, family in b_gauges.items():
-                if key in bstats:
-                    family.add_metric(blabels, bstats[key])
-    return [up, s_health, s_backends, s_held, b_uptime, b_health, b_status, b_weight, b_held,
-            b_ok, b_latency, b_last, b_passes, b_failures,
-            *s_counters.values(), *b_counters.values(), *b_gauges.values()]
+        _add_service(fams, vsid, services[vsid], now)
+    return [up, *fams.values()]
+
+
+def _add_service(fams: dict[str, Metric], vsid: str, view: Mapping[str, Any],
+                 now: float) -> None:
+    labels = _service_labels(vsid, view)
+    backends = view.get("backends") or {}
+    fams["s_health"].add_metric(labels, views.service_health(backends, now))
+    fams["s_backends"].add_metric(labels, len(backends))
+    fams["s_held"].add_metric(labels, sum(1 for b in backends.values()
+                                          if (b.get("health") or {}).get("held_in")))
+    stats = (view.get("kernel") or {}).get("stats") or {}
+    for key, _, _ in COUNTERS:
+        if key in stats:
+            fams[f"s_{key}"].add_metric(labels, stats[key])
+    for rsid in sorted(backends):
+        _add_backend(fams, _backend_labels(vsid, rsid, backends[rsid]), backends[rsid], now)
+
+
+def _add_backend(fams: dict[str, Metric], labels: list[str], bview: Mapping[str, Any],
+                 now: float) -> None:
+    m = views.backend_metrics(bview, now)
+    fams["b_uptime"].add_metric(labels, m["uptime"])
+    fams["b_health"].add_metric(labels, m["health"])
+    fams["b_status"].add_metric(labels, m["status"])
+    fams["b_weight"].add_metric(labels, views.current_weight(bview))
+    fams["b_held"].add_metric(labels, 1 if m["held_in"] else 0)
+    fams["b_passes"].add_metric(labels, m["consecutive_passes"])
+    fams["b_failures"].add_metric(labels, m["consecutive_failures"])
+    if m["last_result"] is not None:
+        fams["b_ok"].add_metric(labels, 1 if m["last_result"]["ok"] else 0)
+        fams["b_latency"].add_metric(labels, m["last_result"]["latency"] or 0.0)
+        fams["b_last"].add_metric(labels, m["last_check"] or 0.0)
+    bstats = (bview.get("kernel") or {}).get("stats") or {}
+    for prefix, table in (("b_", COUNTERS), ("g_", DEST_GAUGES)):
+        for key, _, _ in table:
+            if key in bstats:
+                fams[prefix + key].add_metric(labels, bstats[key])
 
 
 class WriterMetrics:

@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from gorb.common.model import OWNED_SERVICE_FLAGS
+from gorb.services.ipvs_writer.layouts import DestLayouts
 from gorb.services.ipvs_writer.table import KDest, KService, Op
 
 NLMSG_ERROR = 2
@@ -115,6 +116,7 @@ class Codec:
                       (("u8", "B"), ("u16", "H"), ("u32", "I"), ("u64", "Q"))}
         self._ints["be16"] = _BE16
         self._packers: dict[tuple[Field, ...], tuple[tuple[str, Packer], ...]] = {}
+        self._layouts = DestLayouts(self)
 
     # --- encoding -------------------------------------------------------------------------------
 
@@ -294,6 +296,17 @@ class Codec:
         return KService(**values, stats=self._stats(a.get(SVC_STATS64)))
 
     def decode_dest(self, genl_payload: memoryview, service_af: int) -> KDest:
+        """The dest in a dump's message: by its learned layout if it has one
+        (``layouts.py``: one unpack), else read attribute by attribute and its layout learned."""
+        fast = self._layouts.decode(genl_payload, service_af)
+        if fast is not None:
+            return fast
+        dest = self.read_dest(genl_payload, service_af)
+        self._layouts.learn(genl_payload)
+        return dest
+
+    def read_dest(self, genl_payload: memoryview, service_af: int) -> KDest:
+        """``decode_dest`` attribute by attribute, every one bound-checked."""
         a = self._inner(genl_payload, ATTR_DEST)
         af = int(self.read(DEST_KEY[:1], a, 0).get("af", service_af))
         values = self.read(DEST_KEY, a, af, required=DEST_KEY[1:])

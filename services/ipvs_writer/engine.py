@@ -19,6 +19,7 @@ from __future__ import annotations
 import errno as errno_mod
 import logging
 import time
+from dataclasses import dataclass
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
@@ -32,6 +33,7 @@ from gorb.services.ipvs_writer.desired import desired_table, held, ktable, ops_b
 from gorb.services.ipvs_writer import metric_rows
 from gorb.services.ipvs_writer.health import apply_results
 from gorb.services.ipvs_writer.metric_rows import MetricRowsBuilder
+from gorb.services.ipvs_writer.collector import Live, Snapshot
 from gorb.services.ipvs_writer.reader import Snapshots
 from gorb.services.ipvs_writer.staging import Draft, Staged, stage
 from gorb.services.ipvs_writer.state import BackendRecord, ServiceRecord, Services
@@ -315,59 +317,96 @@ class Engine:
 
     # reads --------------------------------------------------------------------------------------
 
-    def _live_table(self) -> dict[SKey, KService]:
-        """The kernel's table with statistics: the reader's snapshot when it has a fresh one
-        (``reader.py``), else a dump here (the first read after a quiet spell)."""
-        table = self.snapshots.usable() if self.snapshots is not None else None
-        return self.kernel.dump() if table is None else table
+    def _snapshot(self, layout: tuple[int, Any] | None = None) -> Snapshot:
+        """A snapshot at most a few intervals old (for ``layout``: with its columns following
+        those rows); ``NotReady`` if the collector has none yet. Without a collector (tests over a
+        fake kernel), one made here from a dump."""
+        if self.snapshots is None:
+            return Snapshot.of(self.kernel.dump(), time.monotonic(), layout)
+        snap = self.snapshots.usable()
+        if snap is not None and layout is not None and snap.generation != layout[0]:
+            self.snapshots.describe(*layout)  # the collector answers with these rows at once
+            snap = None
+        if snap is None:
+            raise NotReady
+        return snap
 
-    def _live_service(self, vsid: str, record: ServiceRecord) -> KService | None:
-        """One service's kernel entry: from a snapshot taken after its last commit (else the
-        snapshot may not show the change yet, and the kernel is asked)."""
+    def _live_service(self, at: Pinned, vsid: str, record: ServiceRecord) -> Live | None:
+        """One service's kernel entry, from a dump taken after its last commit as of ``at``
+        (so a read after a write shows the kernel as the write left it); ``NotReady`` until
+        there is one."""
         key = kservice(record.options, record.address)
-        if self.snapshots is not None:
-            table = self.snapshots.usable(since=self.committed_at.get(vsid, float("-inf")))
-            if table is not None:
-                return table.get(key.key)
-        return self.kernel.service(key)
+        if self.snapshots is None:
+            live = self.kernel.service(key)
+            return None if live is None else Live.of(live)
+        found, live = self.snapshots.entry(key.key, at.committed_at.get(vsid, float("-inf")))
+        if not found:
+            raise NotReady
+        return live
 
-    def read(self, type_: str, body: dict) -> dict:
+    def read(self, type_: str, body: dict, pinned: Pinned | None = None) -> dict | Pinned:
+        """The reply to a read of the state now (or of ``pinned``, an earlier state); a
+        ``Pinned`` state instead when the read needs a newer snapshot of the kernel than there
+        is: the loop asks again, of that state, when one arrives."""
+        at = pinned or Pinned(self.services, self.committed_at)
         try:
             req = messages.decode_request(type_, body)
             if type_ == "service.list":
-                return messages.ok({"services": sorted(self.services)})
+                return messages.ok({"services": sorted(at.services)})
             if type_ == "pulse.targets":
                 if not 0 <= req.worker < req.workers:
                     raise errors.invalid("worker must be in [0, workers)")
                 self.pulse_workers = req.workers
                 return messages.ok({"targets": self.pulse_targets(req.worker, req.workers)})
             if type_ == "metrics.rows":
-                rows = self.metric_rows.rows(self.services, self._live_table(), self.observed,
-                                             self.observed_version, req.generation)
+                layout = self.metric_rows.layout(at.services)
+                rows = self.metric_rows.rows(at.services, self._snapshot(layout),
+                                             self.observed, self.observed_version,
+                                             req.generation)
                 # shallow: the columns are already plain lists (to_builtins would copy them)
                 return {**messages.ok(), "data": metric_rows.wire(rows)}
             if type_ == "state.dump":
-                live = self._live_table() if req.stats else {}
+                live = self._snapshot().services if req.stats else {}
                 return messages.ok({"services": {
                     v: service_view(v, r, live.get(kservice(r.options, r.address).key),
                                     self.observed)
-                    for v, r in self.services.items()}})
-            record = self.services.get(req.service)
-            if record is None:
-                raise GorbError(errors.NOT_FOUND)
-            live = self._live_service(req.service, record)
-            if type_ == "service.get":
-                if req.summary:
-                    return messages.ok(service_summary(req.service, record, live,
-                                                       self.observed))
-                return messages.ok(service_view(req.service, record, live, self.observed))
-            backend = record.backends.get(req.backend)
-            if backend is None:
-                raise GorbError(errors.NOT_FOUND)
-            return messages.ok(backend_view(req.service, req.backend, backend, record, live,
-                                            self.observed.get((req.service, req.backend))))
+                    for v, r in at.services.items()}})
+            return self._read_one(at, type_, req)
+        except NotReady:
+            return at if pinned else Pinned(at.services, dict(at.committed_at))
         except GorbError as err:
             return messages.fail(err)
+
+    def _read_one(self, at: Pinned, type_: str, req: Any) -> dict:
+        record = at.services.get(req.service)
+        if record is None:
+            raise GorbError(errors.NOT_FOUND)
+        if type_ == "service.get" and req.summary and self.snapshots is not None:
+            # the service's counters only: the last snapshot, however recent the last write
+            live = self._snapshot().services.get(kservice(record.options, record.address).key)
+            return messages.ok(service_summary(req.service, record, live, self.observed))
+        live = self._live_service(at, req.service, record)
+        if type_ == "service.get" and req.summary:
+            return messages.ok(service_summary(req.service, record, live, self.observed))
+        if type_ == "service.get":
+            return messages.ok(service_view(req.service, record, live, self.observed))
+        backend = record.backends.get(req.backend)
+        if backend is None:
+            raise GorbError(errors.NOT_FOUND)
+        return messages.ok(backend_view(req.service, req.backend, backend, record, live,
+                                        self.observed.get((req.service, req.backend))))
+
+
+@dataclass(frozen=True)
+class Pinned:
+    """The desired state a read is answered of: the service map (immutable records) and each
+    service's last commit time then."""
+    services: Services
+    committed_at: dict[str, float]
+
+
+class NotReady(Exception):
+    """A read needs a newer snapshot of the kernel than the collector has sent yet."""
 
 
 def _kernel_error(exc: Exception) -> GorbError:

@@ -20,7 +20,7 @@ from typing import Any
 import zmq
 
 from gorb.common import config, logs, runtime
-from gorb.services.ipvs_writer import state
+from gorb.services.ipvs_writer import reader, state
 from gorb.services.ipvs_writer.engine import Engine
 from gorb.services.ipvs_writer.loop import WriterLoop
 from gorb.services.ipvs_writer.reader import Snapshots
@@ -80,8 +80,12 @@ def start_engine(cfg: config.Config, restore_previous: bool,
     services = store.open(restore_previous=restore_previous)
     runtime.ensure_runtime_dir(cfg.gorb.runtime_dir)
     kernel = kernel_factory(cfg)
-    reader_kernel = reader_kernel or (lambda c, _k: kernel_factory(c))
-    snapshots = Snapshots(lambda: reader_kernel(cfg, kernel), cfg.writer.stats_interval)
+    if reader_kernel is None and kernel_factory is kernel_of:  # the collector: a child process
+        spawn = reader.spawn_process(cfg.writer.kernel_timeout, cfg.gorb.log_level)
+    else:  # over a fake kernel, a thread of this process
+        spawn = reader.spawn_thread(lambda: (reader_kernel or (lambda c, _k: kernel_factory(c)))(
+            cfg, kernel))
+    snapshots = Snapshots(spawn, cfg.writer.stats_interval)
 
     def default_address() -> str:
         found = device_addresses(cfg.writer.device)
@@ -106,14 +110,17 @@ def main(argv: list[str] | None = None,
     one of ``tests.service.fake_kernel.FakeKernel``, and ``reader_kernel`` returning it)."""
     cfg, restore_previous = parse_args(argv)
     logs.setup(cfg.gorb.log_level)
-    # The statistics thread decodes dumps in Python: the loop that commits waits at most this
-    # long for the interpreter lock (the default, 5 ms, would add up to 5 ms to a commit).
+    # The state's compaction thread (and over a fake kernel, the statistics collector) run
+    # Python beside the loop: the loop that commits waits at most this long for the
+    # interpreter lock (the default, 5 ms, would add up to 5 ms to a commit).
     sys.setswitchinterval(GIL_SWITCH_INTERVAL)
     try:
         try:
             engine, kernel = start_engine(cfg, restore_previous, kernel_factory, reader_kernel)
             loop = WriterLoop(engine, zmq.Context.instance(), cfg.gorb.runtime_dir,
-                              cfg.writer.reconcile_interval, cfg.writer.max_batch)
+                              cfg.writer.reconcile_interval, cfg.writer.max_batch,
+                              read_deadline=2 * cfg.writer.kernel_timeout
+                              + 3 * cfg.writer.stats_interval)
         except CodecError:
             raise
         except (state.StateFileError, ValueError, runtime.RuntimeDirError) as exc:

@@ -7,19 +7,19 @@ asker names the ``generation`` it holds) and the numbers as flat lists, one per 
 What does not depend on the kernel or on pulse's last results (labels, the weight the writer
 wants, the verdict) is computed once per ``ServiceRecord``: records are immutable and a commit
 replaces only the records it changed, so a weight PATCH rebuilds one service's entry. The
-columns of the kernel's counters and of the last checks are kept per service too, and rebuilt
-for a service when its entry in the statistics snapshot or the observed checks
-(``observed_version``) changed; a reply whose state, snapshot and checks are the last one's is
-the last one's columns again. Generations start at a random number, so that an asker holding
+kernel's columns are not built here: the statistics collector (``collector.py``) builds them
+for the rows ``layout()`` describes and sends them encoded, and the reply carries them as they
+came (``msgspec.Raw``). The columns of the last checks are kept per service and rebuilt when
+the observed checks (``observed_version``) changed; a reply whose state, snapshot and checks
+are the last one's is the last one's columns again. Generations start at a random number, so that an asker holding
 the labels of a writer that has since restarted is sent the new ones. Rows are in the writer's order (services as created, each
 one's backends as created); the API sorts them once per generation.
 """
 
 from __future__ import annotations
 
-import operator
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from itertools import chain
 from typing import Any
@@ -33,12 +33,11 @@ from gorb.common.messages import (
     MetricRows,
 )
 from gorb.common.pulse_messages import Outcome
+from gorb.services.ipvs_writer.collector import Layout, Snapshot
 from gorb.services.ipvs_writer.state import ServiceRecord, Services
-from gorb.services.ipvs_writer.table import KService, SKey, kservice
+from gorb.services.ipvs_writer.table import SKey, kservice
 from gorb.services.ipvs_writer.weights import weight
 
-SERVICE_COUNTERS = ("conns", "inpkts", "outpkts", "inbytes", "outbytes")
-BACKEND_STATS = SERVICE_COUNTERS + ("activeconns", "inactconns", "persistconns")
 
 
 @dataclass
@@ -54,7 +53,7 @@ class _Static:
     status: list[str]
     since: list[float]
     held_in: list[bool]
-    dynamic: _Dynamic | None = None  # the last kernel and check columns (``_dynamic``)
+    checks: tuple[int, list[list]] | None = None  # (observed_version, the check columns)
 
 
 def _static(vsid: str, record: ServiceRecord, held: set[str]) -> _Static:
@@ -74,7 +73,8 @@ def _static(vsid: str, record: ServiceRecord, held: set[str]) -> _Static:
 
 class MetricRowsBuilder:
     """Answers ``metrics.rows`` for the engine; ``held(record)`` names fail-open's held-in
-    backends of a service."""
+    backends of a service. ``layout(services)`` first (the rows the kernel's columns must
+    follow), then ``rows`` with a snapshot whose columns follow that layout."""
 
     def __init__(self, held):
         self._held = held
@@ -83,25 +83,31 @@ class MetricRowsBuilder:
         self.generation = random.getrandbits(48)
         self._labels: MetricLabels | None = None
         self._label_parts: list[_Static] | None = None
-        self._last: tuple[Any, ...] | None = None  # (services, live, observed_version, columns)
+        self._parts: list[_Static] = []
+        self._last: tuple[Any, ...] | None = None  # (services, snapshot, observed_version, columns)
 
-    def rows(self, services: Services, live: Mapping[SKey, KService],
+    def layout(self, services: Services) -> tuple[int, Layout]:
+        """(generation, the rows: each service's kernel key with its dests, in order)."""
+        self._parts = parts = self._parts_of(services)
+        self._update_labels(parts)
+        return self.generation, [(p.key, p.dests) for p in parts]
+
+    def rows(self, services: Services, snapshot: Snapshot,
              observed: Mapping[tuple[str, str], Outcome], observed_version: int,
              known: int) -> MetricRows:
-        parts = self._parts(services)
-        self._update_labels(parts)
+        """The reply, after ``layout(services)`` (``snapshot.generation`` is its generation)."""
         last = self._last
-        if (last is not None and last[0] is services and last[1] is live
+        if (last is not None and last[0] is services and last[1] is snapshot
                 and last[2] == observed_version):
-            service_stats, columns = last[3]
+            columns = last[3]
         else:
-            service_stats, columns = self._columns(parts, live, observed, observed_version)
-            self._last = (services, live, observed_version, (service_stats, columns))
+            columns = self._columns(self._parts, snapshot, observed, observed_version)
+            self._last = (services, snapshot, observed_version, columns)
         return MetricRows(METRIC_ROWS_SCHEMA, self.generation,
                           None if known == self.generation else self._labels,
-                          service_stats, columns)
+                          snapshot.service_stats, columns)
 
-    def _parts(self, services: Services) -> list[_Static]:
+    def _parts_of(self, services: Services) -> list[_Static]:
         cache, out = self._static, []
         for vsid, record in services.items():
             part = cache.get(vsid)
@@ -127,27 +133,20 @@ class MetricRowsBuilder:
             self.generation += 1
 
     @staticmethod
-    def _columns(parts: list[_Static], live: Mapping[SKey, KService],
+    def _columns(parts: list[_Static], snapshot: Snapshot,
                  observed: Mapping[tuple[str, str], Outcome], observed_version: int
-                 ) -> tuple[dict[str, list], BackendColumns]:
-        kservices = [live.get(p.key) for p in parts]
-        service_stats = _transpose([k.stats if k is not None else None for k in kservices],
-                                   SERVICE_COUNTERS)
-        dynamic = [_dynamic(p, k, observed, observed_version) for p, k in zip(parts, kservices)]
-
-        def joined(column: Callable[[Any], list]) -> list:
-            return list(chain.from_iterable(map(column, dynamic)))
+                 ) -> BackendColumns:
+        checks = [_checks(p, observed, observed_version) for p in parts]
 
         def static(name: str) -> list:
             return list(chain.from_iterable(getattr(p, name) for p in parts))
 
-        return service_stats, BackendColumns(
+        return BackendColumns(
             weight=static("weight"), status=static("status"), since=static("since"),
-            held_in=static("held_in"),
-            kernel_weight=joined(lambda d: d.kernel_weight),
-            **{f"check_{name}": joined(lambda d, i=i: d.checks[i])
+            held_in=static("held_in"), kernel_weight=snapshot.kernel_weight,
+            **{f"check_{name}": list(chain.from_iterable(c[i] for c in checks))
                for i, name in enumerate(CHECK_FIELDS)},
-            stats={key: joined(lambda d, key=key: d.stats[key]) for key in BACKEND_STATS})
+            stats=snapshot.stats)
 
 
 def wire(rows: MetricRows) -> dict[str, Any]:
@@ -163,46 +162,18 @@ def wire(rows: MetricRows) -> dict[str, Any]:
 CHECK_FIELDS = ("at", "ok", "latency", "health", "passes", "failures")
 
 
-@dataclass
-class _Dynamic:
-    """One service's kernel and check columns, for one snapshot and one ``observed_version``."""
-    kservice: KService | None
-    observed_version: int
-    kernel_weight: list
-    checks: list[list]
-    stats: dict[str, list]
-
-
-def _dynamic(part: _Static, k: KService | None, observed: Mapping[tuple[str, str], Outcome],
-             observed_version: int) -> _Dynamic:
-    """``part``'s columns from the kernel entry ``k`` and the checks; the last ones again when
-    neither changed (a commit to another service, a snapshot that kept this service's entry)."""
-    last = part.dynamic
-    if last is not None and last.kservice is k and last.observed_version == observed_version:
-        return last
+def _checks(part: _Static, observed: Mapping[tuple[str, str], Outcome],
+            observed_version: int) -> list[list]:
+    """``part``'s check columns; the last ones again while the checks did not change."""
+    last = part.checks
+    if last is not None and last[0] == observed_version:
+        return last[1]
     n = len(part.dests)
-    kdests = [None] * n if k is None else list(map(k.dests.get, part.dests))
     checks = list(map(observed.get, part.members)) if observed else []
     if any(c is not None for c in checks):
-        check_columns = [[getattr(c, name) if c is not None else None for c in checks]
-                         for name in CHECK_FIELDS]
+        columns = [[getattr(c, name) if c is not None else None for c in checks]
+                   for name in CHECK_FIELDS]
     else:
-        check_columns = [[None] * n] * len(CHECK_FIELDS)
-    part.dynamic = _Dynamic(
-        k, observed_version, [d.weight if d is not None else None for d in kdests],
-        check_columns,
-        _transpose([d.stats if d is not None else None for d in kdests], BACKEND_STATS))
-    return part.dynamic
-
-
-def _transpose(stats: list[dict | None], keys: tuple[str, ...]) -> dict[str, list]:
-    """{key: [each row's stats[key], null for a row without stats or without that key]}."""
-    absent = (None,) * len(keys)
-    pick = operator.itemgetter(*keys)
-    try:
-        rows = [pick(s) if s is not None else absent for s in stats]
-    except KeyError:  # a partial stats map (never from the kernel's dump): the slow way
-        rows = [tuple(s.get(k) for k in keys) if s is not None else absent for s in stats]
-    if not rows:
-        return {k: [] for k in keys}
-    return {k: list(col) for k, col in zip(keys, zip(*rows))}
+        columns = [[None] * n] * len(CHECK_FIELDS)
+    part.checks = (observed_version, columns)
+    return columns

@@ -1,98 +1,237 @@
-"""The kernel's table with its statistics, read off the write path.
+"""The writer's side of the statistics collector (``collector.py``): the last snapshot, and when
+a read may use it.
 
-Statistics (``GET /service/<vs>``, every ``/metrics`` scrape) come from a snapshot: a thread of
-the writer with a netlink socket of its own dumps the kernel every ``interval`` seconds
-(``writer.stats_interval``) while someone reads, and the loop that commits only looks the
-snapshot up (``usable``). After ``IDLE_AFTER`` intervals without a read the thread stops dumping,
-so a writer nobody reads costs nothing; the first read after that, or one of a service changed
-since the snapshot was taken (whose entry the snapshot may not show yet), finds no usable
-snapshot and the engine asks the kernel itself, as before, for that once (and the thread wakes).
+Reads never dump the kernel in the loop that commits. A read that needs the kernel's entries
+takes the last snapshot if it is fresh enough (``usable``); if not, the loop keeps the request
+and answers it when the next snapshot arrives (``loop.py``), and the collector is woken:
 
-The snapshot is a plain dict replaced whole (an atomic assignment), never changed in place, so
-the loop reads it without a lock. A dump that fails (the kernel stalls) is logged and retried at
-the next interval; a snapshot older than ``STALE_AFTER`` intervals is not served.
+- every read needs a snapshot at most ``STALE_AFTER`` intervals old (the collector dumps every
+  interval while it is read, so one interval plus the dump's time);
+- ``/metrics`` needs one whose columns follow the writer's current rows (a new layout is sent
+  to the collector, which answers at once);
+- a read of one service's backends needs its entry from a dump taken after that service's
+  last commit, so that a ``GET`` after a ``PATCH`` shows the kernel as the ``PATCH`` left it:
+  the last whole snapshot if it is recent enough, else the collector dumps that one service
+  (``entry``; a whole table at 10,000 backends is far more work than one service of it);
+- a read of one service's own counters (``GET /service/<vs>``) takes the last snapshot.
+
+``Snapshots`` owns one end of a socket pair; at the other end the collector runs as a child
+process (``spawn_process``: the real kernel) or as a thread of this process (``spawn_thread``:
+a fake kernel in tests and benchmarks). A collector that dies (its end closes) is started again
+after ``RESPAWN_AFTER`` seconds, logged; the reads waiting meanwhile fail after their deadline.
 """
 
 from __future__ import annotations
 
 import logging
+import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
-from gorb.services.ipvs_writer.table import KService, SKey
+import msgspec
+
+from gorb.services.ipvs_writer.collector import (
+    SCHEMA,
+    Collector,
+    FrameReader,
+    Layout,
+    Live,
+    Snapshot,
+    send_frame,
+)
 
 log = logging.getLogger(__name__)
 
-IDLE_AFTER = 30  # intervals without a read after which the thread stops dumping
-STALE_AFTER = 3  # intervals after which a snapshot is not served
+STALE_AFTER = 2  # intervals after which a snapshot is not served (one, plus the dump's time)
+RESPAWN_AFTER = 1.0
+
+
+class Handle(Protocol):
+    def alive(self) -> bool: ...
+    def close(self) -> None: ...
+
+
+Spawn = Callable[[socket.socket, float], Handle]
+
+
+class _Thread:
+    def __init__(self, sock: socket.socket, kernel_factory: Callable[[], Any], interval: float):
+        self._thread = threading.Thread(
+            target=Collector(sock, kernel_factory, interval).run, name="ipvs-collector",
+            daemon=True)
+        self._thread.start()
+
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def close(self) -> None:
+        self._thread.join(timeout=5)
+
+
+class _Process:
+    def __init__(self, sock: socket.socket, interval: float, kernel_timeout: float,
+                 log_level: str):
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "gorb.services.ipvs_writer.collector", "--fd",
+             str(sock.fileno()), "--interval", str(interval), "--kernel-timeout",
+             str(kernel_timeout), "--log-level", log_level],
+            pass_fds=[sock.fileno()], stdin=subprocess.DEVNULL)
+        sock.close()  # the child's now
+
+    def alive(self) -> bool:
+        return self._proc.poll() is None
+
+    def close(self) -> None:
+        try:
+            self._proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+
+
+def spawn_thread(kernel_factory: Callable[[], Any]) -> Spawn:
+    return lambda sock, interval: _Thread(sock, kernel_factory, interval)
+
+
+def spawn_process(kernel_timeout: float, log_level: str) -> Spawn:
+    return lambda sock, interval: _Process(sock, interval, kernel_timeout, log_level)
 
 
 class Snapshots:
-    """A thread that keeps a snapshot at most about ``interval`` seconds old while it is read.
+    """The last snapshot from the collector ``spawn`` starts; ``clock`` is ``time.monotonic``
+    (the collector's too)."""
 
-    ``kernel_factory()`` makes the thread's own kernel adapter (a second netlink socket: one
-    dump at a time per socket); ``clock`` is monotonic seconds."""
-
-    def __init__(self, kernel_factory: Callable[[], Any], interval: float = 1.0,
+    def __init__(self, spawn: Spawn, interval: float = 1.0,
                  clock: Callable[[], float] = time.monotonic):
         self.interval = interval
         self.clock = clock
-        self._factory = kernel_factory
-        # (clock() when the dump started, its table): one attribute, replaced whole
-        self._snap: tuple[float, dict[SKey, KService]] = (float("-inf"), {})
-        self._last_read = float("-inf")
-        self._wake = threading.Event()
-        self._stop = False
-        self.dumps = 0
-        self._thread = threading.Thread(target=self._run, name="ipvs-reader", daemon=True)
+        self.latest: Snapshot | None = None
+        # single services dumped since the last whole snapshot: SKey -> (taken, Live | None)
+        self.entries: dict[Any, tuple[float, Live | None]] = {}
+        self.failures = 0  # dumps the collector reported failed
+        self.snapshots = 0  # snapshots received
+        self._spawn = spawn
+        self._sock: socket.socket | None = None
+        self._reader: FrameReader | None = None
+        self._handle: Handle | None = None
+        self._woken = float("-inf")
+        self._asked = float("-inf")
+        self._layout_sent: int | None = None
+        self._dead_since: float | None = None
 
     def start(self) -> None:
-        self._thread.start()
+        mine, theirs = socket.socketpair()
+        mine.setblocking(False)
+        self._sock, self._reader = mine, FrameReader(mine)
+        self._handle = self._spawn(theirs, self.interval)
+        self._woken = self._asked = float("-inf")
+        self._asked_for: dict[Any, float] = {}  # single services asked for, taken after
+        self._layout_sent, self._dead_since = None, None
 
     def close(self) -> None:
-        self._stop = True
-        self._wake.set()
-        self._thread.join(timeout=5)
+        if self._sock is None:
+            return
+        try:
+            send_frame(self._sock, {"v": SCHEMA, "type": "stop"})
+        except OSError:
+            pass
+        self._handle.close()
+        self._sock.close()
+        self._sock = None
 
-    def usable(self, since: float = float("-inf")) -> dict[SKey, KService] | None:
-        """The snapshot if it is fresh (at most ``STALE_AFTER`` intervals old) and was taken
-        after ``since`` (a clock() reading: the service's last commit); else None, and a refresh
-        is asked for. A read counts as activity: it keeps the thread dumping."""
-        taken, table = self._snap
-        now = self.clock()
-        self._last_read = now
-        if now - taken > self.interval:
-            self._wake.set()
-        if now - taken > STALE_AFTER * self.interval or taken < since:
+    def fileno(self) -> int:
+        """What the loop polls (a new one after a respawn: ask again each time)."""
+        return self._sock.fileno()
+
+    def receive(self) -> bool:
+        """Take what the collector sent; True if a snapshot or a failure arrived."""
+        frames, closed = self._reader.read()
+        for frame in frames:
+            msg = msgspec.msgpack.decode(frame)
+            if msg.get("type") == "snapshot":
+                self.latest = Snapshot(msg)
+                self.snapshots += 1
+                self.entries = {k: e for k, e in self.entries.items()
+                                if e[0] > self.latest.taken}
+            elif msg.get("type") == "service":
+                entry = msg["entry"]
+                self.entries[tuple(msg["service"])] = (
+                    msg["taken"], None if entry is None else Live(*entry))
+            elif msg.get("type") == "failed":
+                self.failures += 1
+        if closed and self._dead_since is None:
+            log.error("statistics: the collector exited; starting another in %.0f s",
+                      RESPAWN_AFTER)
+            self._dead_since = self.clock()
+        return bool(frames)
+
+    def check(self) -> None:
+        """Start the collector again some time after it died (the loop calls this)."""
+        if self._dead_since is not None and self.clock() - self._dead_since >= RESPAWN_AFTER:
+            self._sock.close()
+            self._handle.close()
+            self.start()
+
+    def usable(self, since: float = float("-inf")) -> Snapshot | None:
+        """The last snapshot if it was taken after ``since`` and at most ``STALE_AFTER``
+        intervals ago; else None (and the collector is woken). A read counts as activity: it
+        keeps the collector dumping."""
+        snap, now = self.latest, self.clock()
+        if snap is None or snap.taken < since or now - snap.taken > STALE_AFTER * self.interval:
+            self._wake(now, since)
             return None
-        return table
+        self._wake(now, float("-inf"), every=self.interval * 5)  # keep it dumping
+        return snap
 
-    def idle(self) -> bool:
-        """Whether the thread has stopped dumping (no reads for IDLE_AFTER intervals)."""
-        return self.clock() - self._last_read > IDLE_AFTER * self.interval
+    def entry(self, key: Any, since: float) -> tuple[bool, Live | None]:
+        """(found, the kernel's entry of the service ``key`` (None: it has none)) from a dump
+        at most ``STALE_AFTER`` intervals old and taken after ``since`` (the service's last
+        commit): the last whole snapshot, or a dump of that service alone. If neither will do,
+        (False, None), and the collector is asked: for that service alone when the reason is a
+        write the last snapshot predates (a read after a write), else for its next snapshot."""
+        now = self.clock()
+        bound = max(since, now - STALE_AFTER * self.interval)
+        snap, one = self.latest, self.entries.get(key)
+        if snap is not None and snap.taken >= bound and (one is None or one[0] <= snap.taken):
+            self._wake(now, float("-inf"), every=self.interval * 5)  # keep it dumping
+            return True, snap.services.get(key)
+        if one is not None and one[0] >= bound:
+            self._wake(now, float("-inf"), every=self.interval * 5)
+            return True, one[1]
+        newest = max(snap.taken if snap else float("-inf"), one[0] if one else float("-inf"))
+        if since > newest and self._asked_for.get(key, float("-inf")) < since:
+            self._send({"v": SCHEMA, "type": "wake", "after": since, "service": list(key)})
+            self._asked_for[key] = since
+        self._wake(now, float("-inf"))
+        return False, None
 
-    def _run(self) -> None:
-        kernel = None
-        while not self._stop:
-            if self.idle():
-                self._wake.wait()
-                self._wake.clear()
-                continue
-            started = self.clock()
-            try:
-                kernel = kernel or self._factory()
-                table = kernel.dump()
-            except Exception as exc:  # a stalled or failing kernel: keep the stale snapshot
-                log.error("statistics: the kernel dump failed (%s); retrying", exc)
-                if kernel is not None:
-                    kernel.close()
-                kernel = None
-            else:
-                self._snap = (started, table)
-                self.dumps += 1
-            self._wake.wait(timeout=max(0.0, self.interval - (self.clock() - started)))
-            self._wake.clear()
-        if kernel is not None:
-            kernel.close()
+    def describe(self, generation: int, layout: Layout) -> None:
+        """Send the collector the rows ``/metrics`` follows now (once per generation)."""
+        if self._layout_sent != generation:
+            self._send({"v": SCHEMA, "type": "layout", "generation": generation,
+                        "services": [[list(skey), [list(d) for d in dkeys]]
+                                     for skey, dkeys in layout]})
+            self._layout_sent = generation
+
+    def _wake(self, now: float, after: float, every: float | None = None) -> None:
+        """Wake the collector for a snapshot taken after ``after`` (at most once per
+        ``every`` seconds unless ``after`` is newer than the last asked for)."""
+        every = self.interval / 4 if every is None else every
+        if now - self._woken > every or after > self._asked:
+            self._send({"v": SCHEMA, "type": "wake", "after": after})
+            self._woken, self._asked = now, max(self._asked, after)
+
+    def _send(self, msg: dict) -> None:
+        if self._sock is None or self._dead_since is not None:
+            return
+        self._sock.setblocking(True)
+        try:
+            send_frame(self._sock, msg)
+        except OSError:
+            pass  # the collector is gone: receive() sees it closed
+        finally:
+            self._sock.setblocking(False)

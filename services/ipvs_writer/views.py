@@ -8,12 +8,12 @@ import msgspec
 from gorb.common.pulse_messages import Outcome
 from gorb.services.ipvs_writer.desired import held
 from gorb.services.ipvs_writer.state import BackendRecord, ServiceRecord
-from gorb.services.ipvs_writer.table import KService
+from gorb.services.ipvs_writer.collector import Live
 from gorb.services.ipvs_writer.targets import effective_pulse
 from gorb.services.ipvs_writer.weights import weight
 
 
-def service_view(vsid: str, record: ServiceRecord, live: KService | None = None,
+def service_view(vsid: str, record: ServiceRecord, live: Live | None = None,
                  observed: dict | None = None) -> dict:
     observed = observed or {}
     return {
@@ -22,11 +22,11 @@ def service_view(vsid: str, record: ServiceRecord, live: KService | None = None,
         "address": record.address,
         "backends": {rs: backend_view(vsid, rs, b, record, live, observed.get((vsid, rs)))
                      for rs, b in record.backends.items()},
-        "kernel": _kservice_view(live),
+        "kernel": None if live is None else live.view,
     }
 
 
-def service_summary(vsid: str, record: ServiceRecord, live: KService | None,
+def service_summary(vsid: str, record: ServiceRecord, live: Live | None,
                     observed: dict) -> dict:
     """``service_view`` with each backend cut to what GET /service/<vs> shows of it (its
     health): a service of 1,000 backends is 50 kB on the bus instead of 500."""
@@ -36,21 +36,19 @@ def service_summary(vsid: str, record: ServiceRecord, live: KService | None,
         backends[rs] = {"health": {"status": b.health.status, "since": b.health.since},
                         "check": None if seen is None else {"health": seen.health}}
     return {"service": vsid, "options": msgspec.to_builtins(record.options),
-            "address": record.address, "backends": backends, "kernel": _kservice_view(live)}
+            "address": record.address, "backends": backends,
+            "kernel": None if live is None else live.view}
 
 
 def backend_view(vsid: str, rsid: str, b: BackendRecord, record: ServiceRecord,
-                 live: KService | None = None, observed: Outcome | None = None) -> dict:
+                 live: Live | None = None, observed: Outcome | None = None) -> dict:
     """A backend as the writer sees it: options as given, the effective pulse, the weight it
     should have (``weight``), pulse's verdict (``health``), the last check (``check``) and the
     kernel's live entry (``kernel``)."""
-    kd = None
-    if live is not None:
-        kd = live.dests.get((b.address, b.options.port))
     return {
         **_backend_static(vsid, rsid, b, record),
         "check": None if observed is None else msgspec.to_builtins(observed),
-        "kernel": None if kd is None else {"weight": kd.weight, "fwd": kd.fwd, "stats": kd.stats},
+        "kernel": None if live is None else live.dests.get((b.address, b.options.port)),
     }
 
 
@@ -79,10 +77,3 @@ def _backend_static(vsid: str, rsid: str, b: BackendRecord, record: ServiceRecor
     if cache is not None:
         cache[rsid] = (b, static)
     return static
-
-
-def _kservice_view(live: KService | None) -> dict | None:
-    if live is None:
-        return None
-    return {"scheduler": live.sched, "flags": live.flags, "timeout": live.timeout,
-            "netmask": live.netmask, "stats": live.stats}

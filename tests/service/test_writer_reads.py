@@ -1,28 +1,30 @@
-"""Reads off the write path (``services/ipvs_writer/reader.py``): the statistics thread over a
-fake kernel, and the engine serving GET and state.dump from its snapshot, asking the kernel
-itself only for a service changed since the snapshot or when there is no fresh one."""
+"""Reads off the write path (``services/ipvs_writer/reader.py``, ``collector.py``): the statistics
+collector over a fake kernel (a thread; in production a child process, tested in the sandbox),
+and the writer serving GET, state.dump and metrics.rows from its snapshots without ever asking
+the kernel itself: a read that needs a newer snapshot waits for it."""
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 
+import msgspec
 import pytest
+import zmq
 
-from gorb.services.ipvs_writer.engine import Engine
-from gorb.services.ipvs_writer.reader import IDLE_AFTER, STALE_AFTER, Snapshots
+from gorb.common import runtime
+from gorb.common.transport import RequestClient
+from gorb.services.ipvs_writer import reader
+from gorb.services.ipvs_writer.collector import IDLE_AFTER, Collector, FrameReader, send_frame
+from gorb.services.ipvs_writer.engine import Engine, Pinned
+from gorb.services.ipvs_writer.loop import WriterLoop
+from gorb.services.ipvs_writer.reader import Snapshots
 from tests.service.fake_kernel import FakeKernel
 from tests.unit.test_engine import OK, be_create, svc_create
 
-pytestmark = pytest.mark.timeout(30)
-
-
-class Clock:
-    def __init__(self):
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+pytestmark = pytest.mark.timeout(60)
+INTERVAL = 0.05
 
 
 class CountingKernel(FakeKernel):
@@ -33,18 +35,24 @@ class CountingKernel(FakeKernel):
         self.counts = {"dump": 0, "service": 0}
         self.gate = threading.Event()
         self.gate.set()
+        self.die = False
 
     def dump(self):
         self.gate.wait()
+        if self.die:
+            raise SystemExit("the collector dies")
         self.counts["dump"] += 1
         return super().dump()
 
     def service(self, svc):
+        self.gate.wait()
+        if self.die:
+            raise SystemExit("the collector dies")
         self.counts["service"] += 1
         return super().service(svc)
 
 
-def wait_until(cond, what: str, timeout: float = 10.0) -> None:
+def wait_until(cond, what: str, timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while not cond():
         assert time.monotonic() < deadline, what
@@ -53,59 +61,186 @@ def wait_until(cond, what: str, timeout: float = 10.0) -> None:
 
 @pytest.fixture
 def setup():
-    clock = Clock()
     kernel = CountingKernel()
-    reader_kernel = CountingKernel()
-    reader_kernel.table = kernel.table  # the same table, as a second socket sees it
-    reader_kernel._lock = kernel._lock
-    snaps = Snapshots(lambda: reader_kernel, interval=1.0, clock=clock)
+    collector_kernel = CountingKernel()
+    collector_kernel.table = kernel.table  # the same table, as a second socket sees it
+    collector_kernel._lock = kernel._lock
+    snaps = Snapshots(reader.spawn_thread(lambda: collector_kernel), interval=INTERVAL)
     engine = Engine({}, kernel, lambda s: None, snapshots=snaps)
     for req in (svc_create(), be_create()):
         [(reply, _)] = engine.handle_batch([req])
         assert reply == OK
     snaps.start()
-    yield engine, kernel, reader_kernel, snaps, clock
+    kernel.counts = {"dump": 0, "service": 0}
+    yield engine, kernel, collector_kernel, snaps
     snaps.close()
 
 
-def test_reads_use_a_fresh_snapshot_and_never_dump_in_the_loop(setup):
-    engine, kernel, reader_kernel, snaps, clock = setup
-    # no snapshot yet: this read asks the kernel itself, and wakes the thread
-    assert engine.read("state.dump", {"stats": True})["ok"]
-    assert kernel.counts["dump"] == 1
-    wait_until(lambda: snaps.dumps == 1, "the reader's first dump")
-    clock.now += 0.5
-    for _ in range(5):
-        assert engine.read("state.dump", {"stats": True})["ok"]
-        assert engine.read("service.get", {"service": "web"})["data"]["kernel"] is not None
-    assert kernel.counts == {"dump": 1, "service": 0}  # all from the snapshot
+def read_when_ready(engine: Engine, snaps: Snapshots, type_: str, body: dict) -> dict:
+    """Ask as the loop does: again each time a snapshot arrives, until it is answered."""
+    pinned = None
+    while True:
+        reply = engine.read(type_, body, pinned)
+        if not isinstance(reply, Pinned):
+            return reply
+        pinned = reply
+        wait_until(snaps.receive, f"a snapshot for {type_}")
 
 
-def test_a_service_changed_after_the_snapshot_is_read_from_the_kernel(setup):
-    engine, kernel, reader_kernel, snaps, clock = setup
-    engine.read("state.dump", {"stats": True})
-    wait_until(lambda: snaps.dumps == 1, "the reader's first dump")
-    clock.now += 0.1
+def test_reads_wait_for_a_snapshot_and_never_ask_the_kernel_in_the_loop(setup):
+    engine, kernel, collector_kernel, snaps = setup
+    # none yet: the read waits (of the state it came to), the collector is woken
+    assert isinstance(engine.read("state.dump", {"stats": True}), Pinned)
+    for type_, body in [("state.dump", {"stats": True}), ("service.get", {"service": "web"}),
+                        ("backend.get", {"service": "web", "backend": "a"}),
+                        ("metrics.rows", {})] * 3:
+        reply = read_when_ready(engine, snaps, type_, body)
+        assert reply["ok"], reply
+    view = engine.read("service.get", {"service": "web"})["data"]
+    assert view["kernel"]["scheduler"] == "wrr"
+    assert view["backends"]["a"]["kernel"]["weight"] == 100
+    assert kernel.counts == {"dump": 0, "service": 0}  # the loop's kernel was never asked
+    assert collector_kernel.counts["dump"] >= 1
+
+
+def test_a_read_after_a_write_waits_for_a_snapshot_taken_after_it(setup):
+    engine, kernel, collector_kernel, snaps = setup
+    read_when_ready(engine, snaps, "state.dump", {"stats": True})
     [(reply, _)] = engine.handle_batch([("backend.update", {"service": "web", "backend": "a",
                                                             "weight": 9})])
     assert reply == OK
-    view = engine.read("backend.get", {"service": "web", "backend": "a"})["data"]
-    assert view["kernel"]["weight"] == 9  # not the snapshot's 100
-    assert kernel.counts["service"] == 1
+    assert isinstance(engine.read("backend.get", {"service": "web", "backend": "a"}), Pinned)
+    view = read_when_ready(engine, snaps, "backend.get", {"service": "web", "backend": "a"})
+    assert view["data"]["kernel"]["weight"] == 9  # not the earlier snapshot's 100
+    assert kernel.counts["service"] == 0
 
 
-def test_a_stale_snapshot_is_not_served_and_an_idle_reader_stops_dumping(setup):
-    engine, kernel, reader_kernel, snaps, clock = setup
-    engine.read("state.dump", {"stats": True})
-    wait_until(lambda: snaps.dumps == 1, "the reader's first dump")
-    reader_kernel.gate.clear()  # the kernel stops answering the reader
-    clock.now += STALE_AFTER + 0.5
-    engine.read("state.dump", {"stats": True})
-    assert kernel.counts["dump"] == 2  # too old: asked the kernel itself
-    reader_kernel.gate.set()
-    wait_until(lambda: snaps.dumps >= 2, "a refresh")
-    clock.now += IDLE_AFTER + 1  # no reads since: idle
-    done = snaps.dumps
-    snaps._wake.set()
-    time.sleep(0.05)
-    assert snaps.idle() and snaps.dumps == done
+def test_a_read_after_a_write_has_the_collector_dump_that_service_alone():
+    kernel = CountingKernel()
+    Engine({}, kernel, lambda s: None).handle_batch([svc_create(), be_create()])
+    mine, theirs = socket.socketpair()
+    collector = Collector(theirs, lambda: kernel, interval=3600)
+    thread = threading.Thread(target=collector.run, daemon=True)
+    thread.start()
+    skey = next(iter(kernel.dump()))
+    kernel.counts["dump"] = 0
+    send_frame(mine, {"v": 1, "type": "wake", "after": time.monotonic(), "service": list(skey)})
+    reader = FrameReader(mine)
+    mine.setblocking(False)
+    frames: list[bytes] = []
+    wait_until(lambda: frames.extend(reader.read()[0]) or frames, "the service's entry")
+    msg = msgspec.msgpack.decode(frames[0])
+    assert (msg["type"], tuple(msg["service"])) == ("service", skey)
+    view, dests = msg["entry"]
+    assert view["scheduler"] == "wrr" and len(msgspec.msgpack.decode(dests)) == 1
+    assert kernel.counts == {"dump": 0, "service": 1}  # no whole table dumped
+    send_frame(mine, {"v": 1, "type": "stop"})
+    thread.join(timeout=5)
+
+
+def test_a_first_read_after_a_restart_is_answered(setup):
+    engine, kernel, collector_kernel, snaps = setup
+    engine.committed_at.clear()  # as after a restart: no commit since the writer started
+    reply = read_when_ready(engine, snaps, "backend.get", {"service": "web", "backend": "a"})
+    assert reply["data"]["kernel"]["weight"] == 100
+
+
+def test_counters_of_a_service_dumped_alone_are_refreshed(setup):
+    engine, kernel, collector_kernel, snaps = setup
+    read_when_ready(engine, snaps, "backend.get", {"service": "web", "backend": "a"})
+    key = next(iter(kernel.dump()))
+    next(iter(kernel.table[key].dests.values())).stats = {"conns": 30}  # traffic came
+    wait_until(lambda: read_when_ready(engine, snaps, "backend.get", {
+        "service": "web", "backend": "a"})["data"]["kernel"]["stats"] == {"conns": 30},
+        "the counters of a later snapshot")
+
+
+def test_metrics_columns_follow_a_new_layout_at_once(setup):
+    engine, kernel, collector_kernel, snaps = setup
+    read_when_ready(engine, snaps, "metrics.rows", {})
+    [(reply, _)] = engine.handle_batch([be_create(rs="b", host="10.1.0.2")])
+    assert reply == OK
+    dumps = collector_kernel.counts["dump"]
+    collector_kernel.gate.clear()  # no new dump: the last table's columns for the new rows
+    rows = read_when_ready(engine, snaps, "metrics.rows", {})["data"]
+    assert collector_kernel.counts["dump"] == dumps
+    collector_kernel.gate.set()
+    assert len(rows["labels"]["backends"]) == 2
+
+
+def test_an_idle_collector_stops_dumping(setup):
+    engine, kernel, collector_kernel, snaps = setup
+    read_when_ready(engine, snaps, "metrics.rows", {})
+    time.sleep(INTERVAL * (IDLE_AFTER + 5))
+    done = collector_kernel.counts["dump"]
+    time.sleep(INTERVAL * 5)
+    assert collector_kernel.counts["dump"] == done
+    assert isinstance(engine.read("metrics.rows", {}), Pinned)  # stale now: wakes the collector
+    assert read_when_ready(engine, snaps, "metrics.rows", {})["ok"]
+
+
+@pytest.fixture
+def loop(setup, tmp_path):
+    engine, kernel, collector_kernel, snaps = setup
+    ctx = zmq.Context()
+    rundir = str(tmp_path / "run")
+    runtime.ensure_runtime_dir(rundir)
+    loop = WriterLoop(engine, ctx, rundir, reconcile_interval=3600, read_deadline=1.0)
+    thread = threading.Thread(target=loop.run, daemon=True)
+    thread.start()
+    client = RequestClient(ctx, runtime.endpoint(rundir, runtime.WRITER), "test", timeout=10)
+    yield loop, client, collector_kernel, snaps
+    loop.running = False
+    thread.join(timeout=5)
+    client.close()
+    loop.close()
+    ctx.term()
+
+
+def test_the_loop_answers_a_waiting_read_when_its_snapshot_arrives(loop):
+    loop, client, collector_kernel, snaps = loop
+    reply = client.request("service.get", {"service": "web"})
+    assert reply["ok"] and reply["data"]["kernel"] is not None
+    reply = client.request("backend.update", {"service": "web", "backend": "a", "weight": 7})
+    assert reply["ok"]
+    reply = client.request("backend.get", {"service": "web", "backend": "a"})
+    assert reply["data"]["kernel"]["weight"] == 7
+
+
+def test_a_waiting_read_is_answered_of_the_state_it_came_to(loop):
+    loop, client, collector_kernel, snaps = loop
+    ids = [client.send("backend.update", {"service": "web", "backend": "a", "weight": 3}),
+           client.send("backend.get", {"service": "web", "backend": "a"}),  # waits: a snapshot
+           client.send("backend.delete", {"service": "web", "backend": "a"})]
+    replies = [client.recv_reply(i) for i in ids]
+    assert replies[0]["ok"] and replies[2]["ok"]
+    assert replies[1]["data"]["weight"] == 3  # not the deletion that came after it
+
+
+def test_a_read_fails_with_a_json_error_when_no_snapshot_comes(loop):
+    loop, client, collector_kernel, snaps = loop
+    assert client.request("metrics.rows", {})["ok"]
+    collector_kernel.gate.clear()  # the collector's kernel stops answering
+    assert client.request("backend.update", {"service": "web", "backend": "a",
+                                             "weight": 5})["ok"]  # writes go on
+    reply = client.request("backend.get", {"service": "web", "backend": "a"})
+    assert not reply["ok"] and reply["errno"] == "kernel", reply
+    assert "no statistics snapshot" in reply["reason"]
+    collector_kernel.gate.set()
+    reply = client.request("backend.get", {"service": "web", "backend": "a"})
+    assert reply["ok"] and reply["data"]["kernel"]["weight"] == 5
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_collector_that_dies_is_started_again(loop, caplog):
+    loop, client, collector_kernel, snaps = loop
+    assert client.request("metrics.rows", {})["ok"]
+    collector_kernel.die = True
+    assert client.request("backend.update", {"service": "web", "backend": "a",
+                                             "weight": 4})["ok"]
+    first = client.request("backend.get", {"service": "web", "backend": "a"})
+    assert not first["ok"]  # its collector died: no snapshot within the deadline
+    collector_kernel.die = False
+    wait_until(lambda: client.request("backend.get", {"service": "web", "backend": "a"})["ok"],
+               "a new collector's snapshot")
+    assert "the collector exited" in caplog.text

@@ -166,3 +166,52 @@ def test_a_service_without_its_address_is_a_codec_error():
                                                            struct.pack("=H", 6))])])
     with pytest.raises(CodecError, match="no addr attribute"):
         c.decode_service(_one(c, data))
+
+
+# --- the dest decoder's fast path (layouts.py) equals the slow one -------------------------------
+
+def _dump_dest(c: Codec, d: KDest, counters: tuple[int, int, int], stats: list[int] | None,
+               extra: bool) -> bytes:
+    """A dest as a dump's message carries it: key, settings, counters, the stats nest."""
+    u32, u64 = struct.Struct(c.order + "I"), struct.Struct(c.order + "Q")
+    parts = c.fields(codec.DEST_KEY, d) + c.fields(codec.DEST_SETTINGS, d)
+    parts += [c.attr(f.attr, u32.pack(v)) for f, v in zip(codec.DEST_COUNTERS, counters)]
+    if extra:  # the 32-bit stats nest (attribute 10), which gorb does not read
+        parts.append(c.nest(10, [c.attr(1, u32.pack(5))]))
+    if stats is not None:
+        parts.append(c.nest(codec.DST_STATS64, [c.attr(i + 1, u64.pack(v))
+                                                for i, v in enumerate(stats)]))
+    return c.message(FAMILY, codec.CMD["get_dest"], codec.NLM_F_MULTI, SEQ,
+                     [c.nest(codec.ATTR_DEST, parts)])
+
+
+_counters = st.tuples(_u32, _u32, _u32)
+_stats = st.none() | st.lists(st.integers(0, 2**64 - 1), min_size=10, max_size=10)
+
+
+@FUZZ
+@given(st.data(), st.sampled_from(ORDERS), st.booleans(), st.integers(0, 400))
+def test_the_learned_layout_decodes_as_the_slow_path(data, order, extra, flip):
+    c = Codec(order)
+    af = data.draw(st.sampled_from([socket.AF_INET, socket.AF_INET6]))
+    stats = data.draw(_stats)
+    first = _one(c, _dump_dest(c, data.draw(dests(af)), data.draw(_counters), stats, extra))
+    assert c.decode_dest(first, af) == c.read_dest(first, af)  # learns the layout
+    for _ in range(3):  # others of the same layout: one unpack each
+        msg = _dump_dest(c, data.draw(dests(af)), data.draw(_counters),
+                         None if stats is None else data.draw(_stats.filter(bool)), extra)
+        payload = _one(c, msg)
+        fast = c._layouts.decode(payload, af)
+        assert fast is not None
+        slow = c.read_dest(payload, af)
+        assert (fast, fast.stats) == (slow, slow.stats)
+    # one byte changed anywhere: the fast path's answer, if it gives one, is the slow path's
+    changed = bytearray(payload)
+    changed[flip % len(changed)] ^= 0xFF
+    view = memoryview(bytes(changed))
+    try:
+        slow = c.read_dest(view, af)
+    except CodecError:
+        slow = None
+    fast = c._layouts.decode(view, af)
+    assert fast is None or (fast, fast.stats) == (slow, slow.stats)
