@@ -147,19 +147,22 @@ def factor() -> float:
     return speed().factor
 
 
-def limit(seconds: float) -> float:
-    """A reference duration (a quiet machine's, margin included) scaled by this machine's pace."""
-    return seconds * factor()
+def limit(seconds: float, fixed: float = 0.0) -> float:
+    """A reference duration (a quiet machine's, margin included) scaled by this machine's pace;
+    plus ``fixed``: seconds of the behaviour under test itself (a configured interval or
+    timeout), which do not depend on the machine."""
+    return fixed + seconds * factor()
 
 
 def wait_until(predicate: Callable[[], T], seconds: float, what: str | Callable[[], str],
-               every: float = 0.05, ignoring: tuple[type[BaseException], ...] = ()) -> T:
+               every: float = 0.05, fixed: float = 0.0,
+               ignoring: tuple[type[BaseException], ...] = ()) -> T:
     """Call ``predicate`` every ``every`` s until it returns something truthy, and return that;
-    fail after ``limit(seconds)`` with what was waited for (``what``, or what it returns: a log
-    read only on failure), the limit, the factor and the last value. An exception of
+    fail after ``limit(seconds, fixed)`` with what was waited for (``what``, or what it returns:
+    a log read only on failure), the limit, the factor and the last value. An exception of
     ``ignoring`` counts as not yet (the last one is shown); any other propagates at once, so a
     predicate can give up early (``assert proc.poll() is None``)."""
-    scaled = limit(seconds)
+    scaled = limit(seconds, fixed)
     deadline = time.monotonic() + scaled
     while True:
         try:
@@ -171,8 +174,9 @@ def wait_until(predicate: Callable[[], T], seconds: float, what: str | Callable[
                 return last
         if time.monotonic() >= deadline:
             said = what() if callable(what) else what
-            raise AssertionError(f"waited {scaled:.1f} s for {said} (a limit of {seconds:g} s "
-                                 f"at pace {factor():.2f}); last: {last!r}")
+            configured = f"{fixed:g} s as configured + " if fixed else ""
+            raise AssertionError(f"waited {scaled:.1f} s for {said} ({configured}a limit of "
+                                 f"{seconds:g} s at pace {factor():.2f}); last: {last!r}")
         time.sleep(every)
 
 

@@ -11,6 +11,7 @@ import pytest
 
 from gorb.services.ipvs_writer.engine import Engine
 from gorb.services.ipvs_writer.reader import IDLE_AFTER, STALE_AFTER, Snapshots
+from tests.pace import wait_until
 from tests.service.fake_kernel import FakeKernel
 from tests.unit.test_engine import OK, be_create, svc_create
 
@@ -44,13 +45,6 @@ class CountingKernel(FakeKernel):
         return super().service(svc)
 
 
-def wait_until(cond, what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.005)
-
-
 @pytest.fixture
 def setup():
     clock = Clock()
@@ -73,7 +67,7 @@ def test_reads_use_a_fresh_snapshot_and_never_dump_in_the_loop(setup):
     # no snapshot yet: this read asks the kernel itself, and wakes the thread
     assert engine.read("state.dump", {"stats": True})["ok"]
     assert kernel.counts["dump"] == 1
-    wait_until(lambda: snaps.dumps == 1, "the reader's first dump")
+    wait_until(lambda: snaps.dumps == 1, 10, "the reader's first dump", every=0.005)
     clock.now += 0.5
     for _ in range(5):
         assert engine.read("state.dump", {"stats": True})["ok"]
@@ -84,7 +78,7 @@ def test_reads_use_a_fresh_snapshot_and_never_dump_in_the_loop(setup):
 def test_a_service_changed_after_the_snapshot_is_read_from_the_kernel(setup):
     engine, kernel, reader_kernel, snaps, clock = setup
     engine.read("state.dump", {"stats": True})
-    wait_until(lambda: snaps.dumps == 1, "the reader's first dump")
+    wait_until(lambda: snaps.dumps == 1, 10, "the reader's first dump", every=0.005)
     clock.now += 0.1
     [(reply, _)] = engine.handle_batch([("backend.update", {"service": "web", "backend": "a",
                                                             "weight": 9})])
@@ -97,13 +91,13 @@ def test_a_service_changed_after_the_snapshot_is_read_from_the_kernel(setup):
 def test_a_stale_snapshot_is_not_served_and_an_idle_reader_stops_dumping(setup):
     engine, kernel, reader_kernel, snaps, clock = setup
     engine.read("state.dump", {"stats": True})
-    wait_until(lambda: snaps.dumps == 1, "the reader's first dump")
+    wait_until(lambda: snaps.dumps == 1, 10, "the reader's first dump", every=0.005)
     reader_kernel.gate.clear()  # the kernel stops answering the reader
     clock.now += STALE_AFTER + 0.5
     engine.read("state.dump", {"stats": True})
     assert kernel.counts["dump"] == 2  # too old: asked the kernel itself
     reader_kernel.gate.set()
-    wait_until(lambda: snaps.dumps >= 2, "a refresh")
+    wait_until(lambda: snaps.dumps >= 2, 10, "a refresh", every=0.005)
     clock.now += IDLE_AFTER + 1  # no reads since: idle
     done = snaps.dumps
     snaps._wake.set()
