@@ -156,12 +156,14 @@ def limit(seconds: float, fixed: float = 0.0) -> float:
 
 def wait_until(predicate: Callable[[], T], seconds: float, what: str | Callable[[], str],
                every: float = 0.05, fixed: float = 0.0,
-               ignoring: tuple[type[BaseException], ...] = ()) -> T:
-    """Call ``predicate`` every ``every`` s until it returns something truthy, and return that;
-    fail after ``limit(seconds, fixed)`` with what was waited for (``what``, or what it returns:
-    a log read only on failure), the limit, the factor and the last value. An exception of
-    ``ignoring`` counts as not yet (the last one is shown); any other propagates at once, so a
-    predicate can give up early (``assert proc.poll() is None``)."""
+               ignoring: tuple[type[BaseException], ...] = (),
+               until: Callable[[T], object] | None = None) -> T:
+    """Call ``predicate`` every ``every`` s until it returns something truthy (with ``until``:
+    something ``until`` accepts, e.g. ``want.__eq__``), and return that; fail after
+    ``limit(seconds, fixed)`` with what was waited for (``what``, or what it returns: a log read
+    only on failure), the limit, the factor and the last value. An exception of ``ignoring``
+    counts as not yet (the last one is shown); any other propagates at once, so a predicate can
+    give up early (``assert proc.poll() is None``)."""
     scaled = limit(seconds, fixed)
     deadline = time.monotonic() + scaled
     while True:
@@ -170,7 +172,7 @@ def wait_until(predicate: Callable[[], T], seconds: float, what: str | Callable[
         except ignoring as exc:
             last = exc
         else:
-            if last:
+            if (until or bool)(last):
                 return last
         if time.monotonic() >= deadline:
             said = what() if callable(what) else what

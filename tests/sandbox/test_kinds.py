@@ -15,8 +15,8 @@ from __future__ import annotations
 import os
 import re
 import sys
-import time
 
+from tests.pace import wait_until
 from tests.sandbox.conftest import sh
 
 # --- ipvsadm listings parsed ----------------------------------------------------------------------
@@ -241,17 +241,6 @@ def send_udp(ns: str, vip: str, port: int, count: int) -> None:
        ns=ns)
 
 
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout} s")
-        time.sleep(0.2)
-
-
 def test_patch_changes_the_service_in_place_and_refuses_a_key_change(writer):
     create(writer, "dns", {"host": "10.77.0.100", "port": 53, "protocol": "udp", "method": "rr"},
            {"a": {"host": "10.77.1.1", "port": 53, "weight": 3},
@@ -261,7 +250,8 @@ def test_patch_changes_the_service_in_place_and_refuses_a_key_change(writer):
     send_udp(writer.ns, "10.77.0.100", 53, 4)
     live = {"10.77.1.1:53": (0, 2), "10.77.1.2:53": (0, 2)}  # rr: two each
     assert conns(writer.ns)[svc] == live
-    wait_for(lambda: service_conns_stat(writer.ns)[svc] == 4, 5.0, "--stats Conns 4")
+    wait_until(lambda: service_conns_stat(writer.ns)[svc] == 4, 3.0, "--stats Conns 4", every=0.2,
+               fixed=2.0)  # the estimator's 2 s, then a limit
 
     writer.must("service.update", {"service": "dns", "options": {
         "method": "wrr", "persistent": True, "timeout": 120, "netmask": "255.255.255.0"}})
