@@ -15,7 +15,13 @@ import time
 
 from tests.pace import wait_until
 from tests.sandbox.conftest import sh
-from tests.sandbox.test_kinds import create, last_start, listing, send_udp, services
+from tests.sandbox.test_kinds import (
+    create,
+    dns_with_4_connections,
+    last_start,
+    listing,
+    services,
+)
 
 RECONCILE = 1.0
 SLACK = 3.0
@@ -95,14 +101,7 @@ def test_deleted_service_comes_back_and_foreign_entries_are_left_alone(writer_fa
 
 def test_start_adopts_the_kernel_table_without_recreating_anything(writer_factory):
     w = writer_factory(reconcile=60.0)  # only the start's converge runs in this test
-    create(w, "dns", {"host": "10.77.0.100", "port": 53, "protocol": "udp", "method": "rr"},
-           {"a": {"host": "10.77.1.1", "port": 53, "weight": 3},
-            "b": {"host": "10.77.1.2", "port": 53, "weight": 4}})
-    svc = "UDP 10.77.0.100:53"
-    sh("ip addr add 10.77.0.100/32 dev lo", ns=w.ns)
-    send_udp(w.ns, "10.77.0.100", 53, 4)
-    wait_until(lambda: listing(w.ns, "--stats")[svc]["info"].split()[0] == "4", 3.0,
-               "--stats Conns 4", every=0.2, fixed=2.0)  # the estimator's 2 s, then a limit
+    svc = dns_with_4_connections(w, (3, 4))
     table, stats = listing(w.ns), listing(w.ns, "--stats")
     assert table[svc]["dests"] == {"10.77.1.1:53": ["Masq", "3", "0", "2"],
                                    "10.77.1.2:53": ["Masq", "4", "0", "2"]}
