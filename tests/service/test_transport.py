@@ -169,7 +169,8 @@ def test_garbage_is_counted_and_server_keeps_serving(ctx, rundir):
 
 def test_router_recv_many_drains_without_blocking(ctx, rundir):
     ep = endpoint(rundir, runtime.WRITER)
-    with RouterServer(ctx, ep) as server, RequestClient(ctx, ep, "api", timeout=limit(2.0)) as client:
+    with RouterServer(ctx, ep) as server, \
+            RequestClient(ctx, ep, "api", timeout=limit(2.0)) as client:
         assert server.recv_many(10) == []
         for i in range(5):
             client.send("service.get", {"i": i})

@@ -62,7 +62,8 @@ def ctx():
 
 @pytest.fixture
 def client(ctx, rundir, writer):
-    with RequestClient(ctx, runtime.endpoint(rundir, runtime.WRITER), "test", timeout=limit(5.0)) as c:
+    with RequestClient(ctx, runtime.endpoint(rundir, runtime.WRITER), "test",
+                       timeout=limit(5.0)) as c:
         yield c
 
 
