@@ -22,8 +22,8 @@ test checks is honoured) stays as configured; the test's bound on how long that 
 take to show is a limit. A window in which something must *not* happen is not one either (a busy
 machine can only make it pass more easily).
 
-``python -m tests.pace`` prints this machine's figures; ``REFERENCE`` holds the lowest of several
-such runs on a quiet machine (re-record them when the machines change).
+``python -m tests.pace`` prints this machine's figures; ``REFERENCE`` holds those of quiet runs
+(re-record them when the machines change).
 """
 
 from __future__ import annotations
@@ -45,8 +45,10 @@ T = TypeVar("T")
 
 IN_GUEST = os.environ.get("GORB_SANDBOX") == "1"
 
-# Seconds, from quiet runs of `python -m tests.pace` (the lowest medians of several runs): the
-# development machine (2 cores) and the user-mode-linux guest booted on it (tests/sandbox/uml.py).
+# Seconds, from 30 runs of `python -m tests.pace` on the development machine (2 shared cores) and
+# 10 in the user-mode-linux guest booted on it (tests/sandbox/uml.py), with GORB_SANDBOX=1: cpu
+# and spawn near the fastest runs; zmq at the usual figure (on an idle host a round trip that
+# wakes a sleeping core is the slow one, about twice the fastest).
 REFERENCE = {
     "host": {"cpu": 0.020, "spawn": 0.060, "zmq": 0.00015},
     "guest": {"cpu": 0.100, "spawn": 0.480, "zmq": 0.0013},
