@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.pace import limit
+
 REPO = Path(__file__).resolve().parents[2]
 UNIT = "/lib/systemd/system/gorb.service"
 
@@ -26,7 +28,7 @@ def deb(tmp_path_factory) -> Path:
     if given:
         return Path(given)
     out = tmp_path_factory.mktemp("deb")
-    subprocess.run([str(REPO / "ops" / "build-deb"), str(out)], check=True, timeout=900)
+    subprocess.run([str(REPO / "ops" / "build-deb"), str(out)], check=True, timeout=limit(900))
     (path,) = out.glob("gorb_*.deb")
     return path
 

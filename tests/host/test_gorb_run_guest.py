@@ -26,6 +26,7 @@ import pytest
 from gorb.services.launcher import netns, uml
 from gorb.services.launcher.relay import connect_in
 from tests import installed
+from tests.pace import limit, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 GORB = installed.gorb()  # the install's (tests/installed.py), never this checkout
@@ -48,6 +49,8 @@ class InNetns:
 
     def request(self, method: str, path: str, body: dict | None = None,
                 timeout: float = 10) -> tuple[int, bytes]:
+        """``timeout``: a limit (scaled by the pace)."""
+        timeout = limit(timeout)
         fd = netns.open_ns(self.ns)
         try:
             sock = connect_in(fd, ("127.0.0.1", PORT), timeout=timeout)
@@ -100,35 +103,38 @@ class GorbRun:
         self.out.flush()
         return Path(self.out.name).read_text()
 
-    def wait_ready(self, deadline: float = 120) -> float:
+    def wait_ready(self, seconds: float = 120) -> float:
+        """Seconds until the API answered ``/health``; fails at once if ``gorb run`` exits."""
         t0 = time.monotonic()
-        while time.monotonic() - t0 < deadline:
+
+        def ready() -> bool:
             assert self.proc.poll() is None, f"gorb run exited {self.proc.returncode}:\n" \
                                              f"{self.output()}"
             try:
-                if self.http.request("GET", "/health", timeout=2)[0] == 200:
-                    return time.monotonic() - t0
+                return self.http.request("GET", "/health", timeout=2)[0] == 200
             except (OSError, TimeoutError):
-                pass
-            time.sleep(0.3)
-        raise AssertionError(f"the API never answered /health:\n{self.output()}")
+                return False
+        wait_until(ready, seconds, lambda: f"the API to answer /health:\n{self.output()}",
+                   every=0.3)
+        return time.monotonic() - t0
 
     def ctl(self, *args: str) -> subprocess.CompletedProcess:
         return subprocess.run([GORB, "ctl", "--runtime-dir", str(self.work / "run"), *args],
-                              capture_output=True, text=True, timeout=30)
+                              capture_output=True, text=True, timeout=limit(30))
 
     def shell(self, command: str) -> subprocess.CompletedProcess:
         """``command`` as an operator's shell on this host runs it (in the test's namespace, with
         gorb's runtime dir given by the environment, so ``gorb ctl`` needs no flag)."""
         env = {**os.environ, "GORB_GORB_RUNTIME_DIR": str(self.work / "run")}
         return subprocess.run(["nsenter", f"--net=/run/netns/{self.ns}", "sh", "-c", command],
-                              cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+                              cwd=REPO, env=env, capture_output=True, text=True,
+                              timeout=limit(60))
 
     def stop(self) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         try:
-            return self.proc.wait(60)
+            return self.proc.wait(limit(60))
         finally:
             if self.proc.poll() is None:
                 self.proc.kill()

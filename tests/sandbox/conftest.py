@@ -30,7 +30,6 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +39,7 @@ import zmq
 from gorb.common import runtime
 from gorb.common.transport import RequestClient, TransportTimeout
 from tests import installed
+from tests.pace import limit, wait_until
 
 IN_SANDBOX = os.environ.get("GORB_SANDBOX") == "1"
 REPO = Path(__file__).resolve().parents[2]
@@ -211,22 +211,23 @@ class Writer:
         if self.client is None:
             self.client = RequestClient(zmq.Context.instance(),
                                         runtime.endpoint(self.runtime_dir, runtime.WRITER),
-                                        "tests", timeout=2.0)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+                                        "tests", timeout=limit(2.0))
+
+        def answers() -> bool:
             if self.proc is not None and self.proc.poll() is not None:
                 raise AssertionError(f"writer exited with {self.proc.returncode}:\n"
                                      + self.log.read_text())
             try:
-                self.client.request("service.list", {}, timeout=1.0)
-                return
+                return bool(self.client.request("service.list", {}, timeout=limit(1.0)))
             except TransportTimeout:
-                time.sleep(0.1)
-        raise AssertionError("writer did not answer:\n" + self.log.read_text())
+                return False
+        wait_until(answers, timeout, lambda: "the writer to answer:\n" + self.log.read_text(),
+                   every=0.1)
 
     def request(self, type_: str, body: dict, timeout: float = 10.0) -> dict:
+        """``timeout``: a limit (scaled by the pace)."""
         assert self.client is not None
-        return self.client.request(type_, body, timeout=timeout)
+        return self.client.request(type_, body, timeout=limit(timeout))
 
     def must(self, type_: str, body: dict) -> dict:
         reply = self.request(type_, body)
@@ -236,7 +237,7 @@ class Writer:
     def kill(self, sig: int = signal.SIGKILL) -> int:
         assert self.proc is not None
         self.proc.send_signal(sig)
-        return self.proc.wait(timeout=30)
+        return self.proc.wait(timeout=limit(30))
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -30,10 +30,10 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.pace import limit
 from tests.sandbox.conftest import ipvsadm, sh
 from tests.sandbox.topology import PYTHON, SERVER, VIP, VIP_PORT, _read_line, _stop
 
@@ -164,8 +164,9 @@ class Server:
         self.expect("listening")
 
     def expect(self, line: str, timeout: float = 30.0) -> None:
+        """The server's next line is ``line``, within a limit of ``timeout`` s."""
         assert self.proc is not None
-        got = _read_line(self.proc, timeout, f"server {self.args} in {self.ns}")
+        got = _read_line(self.proc, limit(timeout), f"server {self.args} in {self.ns}")
         assert got == line, (got, line)
 
     def stop(self) -> None:
@@ -240,22 +241,23 @@ class Pacer:
     @classmethod
     def start(cls, client_ns: str, pace: float = 0.02, duration: float = 60.0,
               timeout: float = 2.0, host: str = VIP, port: int = VIP_PORT) -> Pacer:
+        timeout = limit(timeout)  # each request's: a limit, as the loop's own waits
         proc = subprocess.Popen(["ip", "netns", "exec", client_ns, *PYTHON, PACER, host,
                                  str(port), str(pace), str(duration), str(timeout)],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
-            assert _read_line(proc, 30.0, "pacer") == "started"
+            assert _read_line(proc, limit(30.0), "pacer") == "started"
         except BaseException:
             _stop(proc)
             raise
-        return cls(proc, deadline=duration + timeout + 30.0)
+        return cls(proc, deadline=duration + timeout + limit(30.0))
 
     def stop(self) -> list[Request]:
         """End the loop after the request in flight; every request it made."""
         self.proc.send_signal(signal.SIGTERM)
         try:
             line = _read_line(self.proc, self.deadline, "pacer")
-            self.proc.wait(timeout=10)
+            self.proc.wait(timeout=limit(10))
         finally:
             _stop(self.proc)
         self.records = [Request(*r) for r in json.loads(line)["records"]]
@@ -309,16 +311,3 @@ def ipvsadm_weights(ns: str) -> dict[str, dict[str, int]]:
     """``ipvsadm -Ln`` reduced to what ``KernelTable.read`` gives."""
     return {svc: {d: w for d, (_fwd, w) in entry["dests"].items()}
             for svc, entry in ipvsadm(ns).items()}
-
-
-def poll(what: str, probe, timeout: float, every: float = 0.02):
-    """``probe()`` until it returns something truthy (returned); AssertionError after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        got = probe()
-        if got:
-            return got
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout:.1f} s waiting for {what} "
-                                 f"(last: {got!r})")
-        time.sleep(every)

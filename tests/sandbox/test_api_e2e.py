@@ -35,9 +35,10 @@ from dataclasses import dataclass, field
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.pace import limit, wait_until
 from tests.sandbox import topology
 from tests.sandbox.conftest import ipvsadm, sh
-from tests.sandbox.test_supervised import PROGRAMS, Gorb, Reply, poll, proc_table
+from tests.sandbox.test_supervised import PROGRAMS, Gorb, Reply, proc_table
 from tests.sandbox.topology import (
     BACKEND_PORT,
     CLIENT_GW,
@@ -364,7 +365,8 @@ def test_numeric_pulse_args_work_and_check_a_real_server(errs):
             return {rs: get(errs, f"/service/errs/{rs}")["metrics"]["status_name"]
                     for rs in ("num", "str", "wrong")}
 
-        poll("checks", statuses, {"num": "up", "str": "up", "wrong": "down"}.__eq__, 20.0)
+        wait_until(statuses, 20.0, "checks", every=0.2,
+                   until={"num": "up", "str": "up", "wrong": "down"}.__eq__)
         dests = errs.kernel()[ERR_KEY]["dests"]
         assert dests[f"{topo.addresses['b1']}:{BACKEND_PORT}"] == ("Masq", 100)
         assert dests[f"{topo.addresses['b2']}:{BACKEND_PORT}"] == ("Masq", 100)
@@ -418,8 +420,9 @@ def test_traffic_through_a_service_built_over_http(e2e):
     try:
         every = {d: ("Masq", 100) for d in dest.values()}
         assert e2e.kernel()[WEB_KEY] == {"sched": "rr", "flags": "", "dests": every}
-        poll("all up", lambda: {n: get(e2e, f"/service/web/{n}")["metrics"]["status_name"]
-                                for n in dest}, lambda s: set(s.values()) == {"up"}, 20.0)
+        wait_until(lambda: {n: get(e2e, f"/service/web/{n}")["metrics"]["status_name"]
+                            for n in dest},
+                   20.0, "all up", every=0.2, until=lambda s: set(s.values()) == {"up"})
         sent = 0
         assert clean(topo.requests(30)) == {"b1": 10, "b2": 10, "b3": 10}
         sent += 30
@@ -436,7 +439,8 @@ def test_traffic_through_a_service_built_over_http(e2e):
         # b3's server stops: pulse drains it (weight 0 in the kernel) and traffic avoids it
         _stop(topo.servers[2])
         stopped = time.monotonic()
-        poll("b3 drained", weights, lambda w: w.get(dest["b3"]) == ("Masq", 0), 10.0, 0.05)
+        wait_until(weights, 10.0, "b3 drained", every=0.05,
+                   until=lambda w: w.get(dest["b3"]) == ("Masq", 0))
         print(f"b3 drained {time.monotonic() - stopped:.2f} s after its server stopped")
         assert e2e.kernel()[WEB_KEY]["dests"] == {**every, dest["b3"]: ("Masq", 0)}
         b3 = get(e2e, "/service/web/b3")
@@ -450,7 +454,8 @@ def test_traffic_through_a_service_built_over_http(e2e):
         # ... and comes back: slow start (2 checks) up to its weight
         restart_server(topo, "b3")
         back = time.monotonic()
-        poll("b3 back", weights, lambda w: w.get(dest["b3"]) == ("Masq", 100), 20.0, 0.05)
+        wait_until(weights, 20.0, "b3 back", every=0.05,
+                   until=lambda w: w.get(dest["b3"]) == ("Masq", 100))
         print(f"b3 back at weight 100 {time.monotonic() - back:.2f} s after its server started")
         assert e2e.kernel()[WEB_KEY]["dests"] == every
         b3 = get(e2e, "/service/web/b3")["metrics"]
@@ -468,9 +473,9 @@ def test_traffic_through_a_service_built_over_http(e2e):
             assert reply.status == 200 and reply.headers["content-type"].startswith("text/plain")
             return metric_samples(reply.raw.decode())
 
-        samples = poll("connections counted", scrape,
-                       lambda s: s.get(("gorb_ipvs_service_connections_total", svc), 0) >= sent,
-                       8.0, 0.5)
+        samples = wait_until(
+            scrape, 8.0, "connections counted", every=0.5,
+            until=lambda s: s.get(("gorb_ipvs_service_connections_total", svc), 0) >= sent)
         assert samples[("gorb_ipvs_service_connections_total", svc)] == sent
         assert samples[("gorb_up", frozenset())] == 1
         assert samples[("gorb_service_backends", svc)] == 3
@@ -580,8 +585,8 @@ def test_api_restart_while_clients_write_loses_nothing(e2e):
     for t in threads:
         t.start()
     try:
-        poll("writes before the restart", lambda: min(len(w.ok_at) for w in clients),
-             lambda n: n >= 10, 30.0, 0.1)
+        wait_until(lambda: min(len(w.ok_at) for w in clients), 30.0, "writes before the restart",
+                   every=0.1, until=lambda n: n >= 10)
         restart_from = time.monotonic()
         out = gorb.ctl("restart", "api")
         ctl_done = time.monotonic()
@@ -590,13 +595,12 @@ def test_api_restart_while_clients_write_loses_nothing(e2e):
         # new API listens: the restart ends when the API answers again.
         gorb.wait_api()
         restart_to = time.monotonic()
-        poll("writes after the restart",
-             lambda: min(sum(1 for t in w.ok_at if t > restart_to) for w in clients),
-             lambda n: n >= 10, 30.0, 0.1)
+        wait_until(lambda: min(sum(1 for t in w.ok_at if t > restart_to) for w in clients), 30.0,
+                   "writes after the restart", every=0.1, until=lambda n: n >= 10)
     finally:
         stop.set()
         for t in threads:
-            t.join(timeout=30)
+            t.join(timeout=limit(30))
     assert gorb.pid("api") != old_pid
 
     wrong = [x for w in clients for x in w.wrong]

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.sandbox.test_supervised import PROGRAMS, Gorb, Reply, poll, proc_table
+from tests.pace import limit, wait_until
+from tests.sandbox.test_supervised import PROGRAMS, Gorb, Reply, proc_table
 
 ADMIN_SECRET = "e2e-adm-Secret-93f1"
 READ_SECRET = "e2e-rd-Secret-27c4"  # kept in a secret_file
@@ -40,7 +41,7 @@ def files():
                     "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", str(key), "-out",
                     str(cert), "-days", "2", "-subj", "/CN=gorb-e2e",
                     "-addext", "subjectAltName=IP:127.0.0.1"],
-                   check=True, capture_output=True, timeout=60)
+                   check=True, capture_output=True, timeout=limit(60))
     (base / "read.token").write_text(READ_SECRET + "\n")
     audit_dir = base / "audit"
     audit_dir.mkdir()
@@ -56,7 +57,7 @@ def https(gorb: Gorb, ctx: ssl.SSLContext, method: str, path: str, body: object 
           headers: dict[str, str] | None = None) -> tuple[Reply, bytes]:
     """One HTTPS request through a socket made inside the namespace; (reply, server DER)."""
     raw = gorb.connect().sock
-    conn = http.client.HTTPSConnection(*gorb.api_address, timeout=10, context=ctx)
+    conn = http.client.HTTPSConnection(*gorb.api_address, timeout=limit(10), context=ctx)
     conn.sock = ctx.wrap_socket(raw, server_hostname=gorb.api_address[0])
     try:
         data = None if body is None else json.dumps(body).encode()
@@ -84,7 +85,7 @@ def test_tokens_tls_and_audit_on_the_supervised_system(netns, tmp_path, files):
             except OSError as exc:
                 return repr(exc)
 
-        poll("the HTTPS API", health, lambda status: status == 200, 30.0)
+        wait_until(health, 30.0, "the HTTPS API", every=0.2, until=lambda status: status == 200)
         reply, der = https(gorb, ctx, "GET", "/health")
         assert reply.json()["auth"] == "on"
         assert der == ssl.PEM_cert_to_DER_cert(files["cert"].read_text())

@@ -9,7 +9,7 @@ import signal
 from pathlib import Path
 
 from gorb.services.ipvs_writer.collector import NICENESS
-from tests.sandbox.test_supervised import poll
+from tests.pace import wait_until
 
 VIP = "10.78.0.100"
 
@@ -62,14 +62,14 @@ def test_the_collector_serves_reads_and_is_restarted_when_it_dies(writer):
     assert backend_kernel(writer)["weight"] == 3  # a read after a write sees it in the kernel
 
     os.kill(first, signal.SIGKILL)
-    second = poll("a new collector", lambda: collector_of(writer_pid),
-                  lambda c: c not in (None, first), 30.0)
+    second = wait_until(lambda: collector_of(writer_pid), 30, "a new collector",
+                        until=lambda c: c not in (None, first))
     writer.must("backend.update", {"service": "web", "backend": "a", "weight": 5})
     assert backend_kernel(writer)["weight"] == 5
     assert "the collector exited" in writer.log.read_text()
 
     writer.kill(signal.SIGKILL)
-    poll("the collector ends with the writer", lambda: running(second), False.__eq__, 30.0)
+    wait_until(lambda: not running(second), 30, "the collector ends with the writer")
 
 
 def running(pid: int) -> bool:

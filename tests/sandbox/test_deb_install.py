@@ -25,10 +25,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.pace import limit, wait_until
 from tests.sandbox import topology
 from tests.sandbox.conftest import ipvsadm, sh
 from tests.sandbox.test_least_privilege import creds, expected_creds, owner_mode, status_of
-from tests.sandbox.test_supervised import PROGRAMS, Gorb, poll, proc_table
+from tests.sandbox.test_supervised import PROGRAMS, Gorb, proc_table
 from tests.sandbox.topology import BACKEND_PORT, VIP, VIP_PORT
 from tests.unit.test_deb_files import unit_settings
 
@@ -46,7 +47,7 @@ CAPS = {"CAP_CHOWN": 0, "CAP_DAC_OVERRIDE": 1, "CAP_FOWNER": 3, "CAP_KILL": 5, "
 
 def dpkg(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
     proc = subprocess.run(["dpkg", f"--root={root}", f"--log={root}/var/log/dpkg.log", *args],
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=limit(600))
     if check:
         assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc
@@ -183,7 +184,8 @@ def test_the_installed_service_serves_and_needs_the_token(service):
         assert api(gorb, "PUT", f"/service/web/{rs}", body)[0] == 200
     want = {f"TCP {VIP}:{VIP_PORT}": {f"{topo.addresses[rs]}:{BACKEND_PORT}": ("Masq", 100)
                                       for rs in ("b1", "b2")}}
-    poll("the kernel table", lambda: proc_table(gorb.proc.pid), want.__eq__, 30.0)
+    wait_until(lambda: proc_table(gorb.proc.pid), 30.0, "the kernel table", every=0.2,
+               until=want.__eq__)
     result = topo.requests(20)
     assert result["failures"] == 0 and result["counts"] == {"b1": 10, "b2": 10}, result
 
@@ -225,8 +227,9 @@ def test_every_change_is_audited_in_var_log_gorb_and_survives_logrotate(service)
     after = [json.loads(line) for line in audit.read_text().splitlines()]
     assert [(a["method"], a["route"], a["status"]) for a in after] == \
         [("PATCH", "/service/<vs>/<rs>", 200)]
-    poll("the new weight", lambda: proc_table(gorb.proc.pid)[f"TCP {VIP}:{VIP_PORT}"]
-         [f"{topo.addresses['b2']}:{BACKEND_PORT}"][1], (50).__eq__, 30.0)
+    wait_until(lambda: proc_table(gorb.proc.pid)[f"TCP {VIP}:{VIP_PORT}"]
+               [f"{topo.addresses['b2']}:{BACKEND_PORT}"][1],
+               30.0, "the new weight", every=0.2, until=(50).__eq__)
 
 
 def test_stopping_the_service_leaves_ipvs_and_the_package_removes_and_purges(service):
@@ -234,7 +237,7 @@ def test_stopping_the_service_leaves_ipvs_and_the_package_removes_and_purges(ser
     before = ipvsadm(topo.lb)
     assert f"TCP {VIP}:{VIP_PORT}" in before
     gorb.proc.send_signal(signal.SIGTERM)  # systemctl stop, KillMode=mixed: the main process
-    assert gorb.proc.wait(timeout=90) == 0, gorb.log()
+    assert gorb.proc.wait(timeout=limit(90)) == 0, gorb.log()
     assert ipvsadm(topo.lb) == before  # traffic keeps flowing while gorb is stopped
     assert topo.requests(6)["failures"] == 0
     dpkg(root, "--remove", "gorb")

@@ -4,7 +4,8 @@ The writer reconciles every ``RECONCILE`` s here: dump, plan, apply, the same pa
 What it owns it repairs — a service gorb created owns its whole backend list, so a dest added by
 hand under it is removed — and what it does not own (a service made by hand for another VIP) it
 never touches. Each repair is awaited by polling ``ipvsadm`` against a deadline of one period plus
-``SLACK`` (UML is slow and may share its two cores with other guests).
+``SLACK``, a limit scaled by the guest's pace (UML is slow and may share its two cores with other
+guests).
 """
 
 from __future__ import annotations
@@ -12,8 +13,15 @@ from __future__ import annotations
 import re
 import time
 
+from tests.pace import wait_until
 from tests.sandbox.conftest import sh
-from tests.sandbox.test_kinds import create, last_start, listing, send_udp, services, wait_for
+from tests.sandbox.test_kinds import (
+    create,
+    dns_with_4_connections,
+    last_start,
+    listing,
+    services,
+)
 
 RECONCILE = 1.0
 SLACK = 3.0
@@ -42,16 +50,8 @@ def drift_and_wait(ns: str, command: str, drifted: dict, repaired: dict) -> floa
     sh(command, ns=ns)
     assert services(ns) in (drifted, repaired)
     start = time.monotonic()
-    last: list[dict] = []
-
-    def fixed() -> bool:
-        last[:] = [services(ns)]
-        return last[0] == repaired
-
-    try:
-        wait_for(fixed, RECONCILE + SLACK, f"repair after {command!r}")
-    except AssertionError as exc:
-        raise AssertionError(f"{exc}; kernel has {last[0]}") from None
+    wait_until(lambda: services(ns), SLACK, f"repair after {command!r}", every=0.2,
+               fixed=RECONCILE, until=repaired.__eq__)
     return time.monotonic() - start
 
 
@@ -77,7 +77,7 @@ def test_dest_drift_is_repaired(writer_factory):
                    {SVC: ("wrr", {**dests, "10.77.1.9:8080": ("Masq", 1)})}, OWNED)
 
     # One repair of one op per drift, and no spurious repair of what already matched.
-    wait_for(lambda: len(repairs_logged(w)) >= 3, 2.0, "three repairs logged")
+    wait_until(lambda: len(repairs_logged(w)) >= 3, 2.0, "three repairs logged", every=0.2)
     assert repairs_logged(w) == [("1", "0")] * 3, w.log.read_text()
     b = w.must("backend.get", {"service": "web", "backend": "b"})["data"]
     assert b["kernel"]["weight"] == 6
@@ -101,14 +101,7 @@ def test_deleted_service_comes_back_and_foreign_entries_are_left_alone(writer_fa
 
 def test_start_adopts_the_kernel_table_without_recreating_anything(writer_factory):
     w = writer_factory(reconcile=60.0)  # only the start's converge runs in this test
-    create(w, "dns", {"host": "10.77.0.100", "port": 53, "protocol": "udp", "method": "rr"},
-           {"a": {"host": "10.77.1.1", "port": 53, "weight": 3},
-            "b": {"host": "10.77.1.2", "port": 53, "weight": 4}})
-    svc = "UDP 10.77.0.100:53"
-    sh("ip addr add 10.77.0.100/32 dev lo", ns=w.ns)
-    send_udp(w.ns, "10.77.0.100", 53, 4)
-    wait_for(lambda: listing(w.ns, "--stats")[svc]["info"].split()[0] == "4", 5.0,
-             "--stats Conns 4")
+    svc = dns_with_4_connections(w, (3, 4))
     table, stats = listing(w.ns), listing(w.ns, "--stats")
     assert table[svc]["dests"] == {"10.77.1.1:53": ["Masq", "3", "0", "2"],
                                    "10.77.1.2:53": ["Masq", "4", "0", "2"]}

@@ -15,8 +15,8 @@ from __future__ import annotations
 import os
 import re
 import sys
-import time
 
+from tests.pace import wait_until
 from tests.sandbox.conftest import sh
 
 # --- ipvsadm listings parsed ----------------------------------------------------------------------
@@ -241,27 +241,25 @@ def send_udp(ns: str, vip: str, port: int, count: int) -> None:
        ns=ns)
 
 
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout} s")
-        time.sleep(0.2)
-
-
-def test_patch_changes_the_service_in_place_and_refuses_a_key_change(writer):
+def dns_with_4_connections(writer, weights: tuple[int, int]) -> str:
+    """Service ``dns`` (udp, rr) on 10.77.0.100:53, backends ``a`` and ``b`` of ``weights``, and
+    4 datagrams through it (two connection entries per dest), until the kernel's estimator
+    counts them; its ipvsadm name."""
     create(writer, "dns", {"host": "10.77.0.100", "port": 53, "protocol": "udp", "method": "rr"},
-           {"a": {"host": "10.77.1.1", "port": 53, "weight": 3},
-            "b": {"host": "10.77.1.2", "port": 53, "weight": 3}})
+           {"a": {"host": "10.77.1.1", "port": 53, "weight": weights[0]},
+            "b": {"host": "10.77.1.2", "port": 53, "weight": weights[1]}})
     svc = "UDP 10.77.0.100:53"
     sh("ip addr add 10.77.0.100/32 dev lo", ns=writer.ns)
     send_udp(writer.ns, "10.77.0.100", 53, 4)
+    wait_until(lambda: service_conns_stat(writer.ns)[svc] == 4, 3.0, "--stats Conns 4", every=0.2,
+               fixed=2.0)  # the estimator's 2 s period as it is, then a limit
+    return svc
+
+
+def test_patch_changes_the_service_in_place_and_refuses_a_key_change(writer):
+    svc = dns_with_4_connections(writer, (3, 3))
     live = {"10.77.1.1:53": (0, 2), "10.77.1.2:53": (0, 2)}  # rr: two each
     assert conns(writer.ns)[svc] == live
-    wait_for(lambda: service_conns_stat(writer.ns)[svc] == 4, 5.0, "--stats Conns 4")
 
     writer.must("service.update", {"service": "dns", "options": {
         "method": "wrr", "persistent": True, "timeout": 120, "netmask": "255.255.255.0"}})

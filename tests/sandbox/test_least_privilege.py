@@ -20,9 +20,10 @@ import pytest
 
 from gorb.common import runtime
 from tests import installed
+from tests.pace import limit, wait_until
 from tests.sandbox import topology
 from tests.sandbox.conftest import ACCOUNT
-from tests.sandbox.test_supervised import PROGRAMS, Gorb, poll, proc_table
+from tests.sandbox.test_supervised import PROGRAMS, Gorb, proc_table
 from tests.sandbox.topology import BACKEND_PORT, VIP, VIP_PORT
 
 NET_ADMIN = 1 << 12
@@ -87,10 +88,10 @@ def test_the_installed_package_serves_traffic_through_a_vip(system):
         assert gorb.http("PUT", f"/service/web/{rs}", body).status == 200
     want = {f"TCP {VIP}:{VIP_PORT}": {f"{topo.addresses[rs]}:{BACKEND_PORT}": ("Masq", 100)
                                       for rs in ("b1", "b2")}}
-    poll("the kernel table", lambda: proc_table(gorb.proc.pid), want.__eq__, 30.0)
-    poll("pulse says up",
-         lambda: gorb.http("GET", "/service/web/b1").json()["metrics"]["status_name"],
-         "up".__eq__, 30.0)
+    wait_until(lambda: proc_table(gorb.proc.pid), 30.0, "the kernel table", every=0.2,
+               until=want.__eq__)
+    wait_until(lambda: gorb.http("GET", "/service/web/b1").json()["metrics"]["status_name"], 30.0,
+               "pulse says up", every=0.2, until="up".__eq__)
     result = topo.requests(20)
     assert result["failures"] == 0, result
     assert result["counts"] == {"b1": 10, "b2": 10}, result
@@ -123,8 +124,8 @@ def test_each_program_has_its_uid_and_capabilities_only(system):
 def test_exec_checks_run_as_nobody_with_no_capabilities(system):
     gorb, _, probe, _ = system
     # the first test created the backends; their exec checks write this every second
-    text = poll("the exec check's status", lambda: (probe / "status").exists() and
-                (probe / "status").read_text(), bool, 30.0)
+    text = wait_until(lambda: (probe / "status").exists() and (probe / "status").read_text(),
+                      30.0, "the exec check's status", every=0.2)
     fields = {}
     for line in text.splitlines():
         key, _, value = line.partition(":")
@@ -166,7 +167,7 @@ def connect_as(user: str, path: Path) -> object:
     out = subprocess.run(["setpriv", f"--reuid={user}", f"--regid={pwd.getpwnam(user).pw_gid}",
                           "--init-groups", "--inh-caps=-all", "--bounding-set=-all", "--",
                           installed.python(), "-S", "-c", CONNECT, str(path)],
-                         capture_output=True, text=True, timeout=60)
+                         capture_output=True, text=True, timeout=limit(60))
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
 

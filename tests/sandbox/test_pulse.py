@@ -13,12 +13,13 @@ Layout: ``topology.build`` (client, lb holding the VIP, backends), the writer in
 (``writer_factory``) and ONE ``python -m gorb.services.pulse_worker --index 0 --workers 1`` started
 next to it with the writer's runtime dir. Weights are read from ``/proc/<writer>/net/ip_vs``
 (``pulse_servers.KernelTable``: no fork, so a change is timed to ~20 ms), cross-checked with
-``ipvsadm -Ln`` at every milestone. Every wait is a bounded poll.
+``ipvsadm -Ln`` at every milestone. Every wait is ``tests.pace.wait_until``.
 
 Timing bounds (interval 1 s, timeout 0.5 s, default jitter 0.1 and backoff cap 4 x interval):
 down within ``interval * (1 + jitter) + timeout + SLACK``; the first step back within
 ``backoff_max * (1 + jitter) + timeout + SLACK`` (a down target is checked with backoff).
-SLACK covers the worker's 100 ms result batching, the writer's apply and the guest's slowness.
+SLACK covers the worker's 100 ms result batching, the writer's apply and the guest's slowness:
+it is a limit, scaled by the guest's pace (``tests/pace.py``); the configured times are not.
 The exec check gets a 2 s timeout (and its bounds with it): spawning a program in the guest costs
 ~80 ms and several times that under load, and 500 ms timed out now and then.
 """
@@ -35,8 +36,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.sandbox import topology
 from tests import installed
+from tests.pace import limit, wait_until
+from tests.sandbox import topology
 from tests.sandbox.pulse_servers import (
     KernelTable,
     Pacer,
@@ -48,7 +50,6 @@ from tests.sandbox.pulse_servers import (
     http_server,
     https_server,
     ipvsadm_weights,
-    poll,
     self_signed,
     start_all,
     udp_server,
@@ -61,11 +62,13 @@ SLACK = 0.5
 
 
 def down_bound(timeout: float = TIMEOUT) -> float:
-    return INTERVAL * (1 + JITTER) + timeout + SLACK
+    """Seconds to weight 0: a (jittered) interval and the check's timeout, then the SLACK."""
+    return limit(SLACK, fixed=INTERVAL * (1 + JITTER) + timeout)
 
 
 def up_bound(timeout: float = TIMEOUT) -> float:
-    return BACKOFF_MAX * (1 + JITTER) + timeout + SLACK
+    """Seconds to the first step back: the backoff cap and the check's timeout, then the SLACK."""
+    return limit(SLACK, fixed=BACKOFF_MAX * (1 + JITTER) + timeout)
 
 
 DOWN_BOUND, UP_BOUND, STEP_BOUND = down_bound(), up_bound(), down_bound()
@@ -86,7 +89,7 @@ class PulseWorker:
 
     def kill(self, sig: int = signal.SIGTERM) -> int:
         self.proc.send_signal(sig)
-        return self.proc.wait(timeout=15)
+        return self.proc.wait(timeout=limit(15))
 
     def tail(self, lines: int = 30) -> str:
         try:
@@ -118,7 +121,7 @@ def pulse_worker():
         if w.proc.poll() is None:
             w.proc.terminate()
             try:
-                w.proc.wait(timeout=15)
+                w.proc.wait(timeout=limit(15))
             except subprocess.TimeoutExpired:
                 w.proc.kill()
                 w.proc.wait()
@@ -169,16 +172,15 @@ def checked(writer, worker: PulseWorker, members: dict[tuple[str, str], str],
         ok = all(v["check"] is not None and v["check"]["at"] > since
                  and v["health"]["status"] == members[m] for m, v in views.items())
         return views if ok else None
-    try:
-        return poll(f"checks {members}", probe, timeout, every=0.1)
-    except AssertionError as exc:
-        raise AssertionError(f"{exc}\nworker log:\n{worker.tail()}") from None
+    return wait_until(probe, timeout, lambda: f"checks {members}\nworker log:\n{worker.tail()}",
+                      every=0.1)
 
 
-def watch(kernel: KernelTable, want: dict[tuple[str, str], int], timeout: float,
+def watch(kernel: KernelTable, want: dict[tuple[str, str], int], bound: float,
           t0: float) -> dict[tuple[str, str], float]:
     """Poll the kernel until each (service, dest) has its wanted weight; seconds from ``t0`` at
-    which each was first seen so."""
+    which each was first seen so. It waits ``bound`` (what the test asserts) and a limit of 10 s
+    more, so that a late change is reported with its time."""
     seen: dict[tuple[str, str], float] = {}
 
     def probe():
@@ -187,10 +189,8 @@ def watch(kernel: KernelTable, want: dict[tuple[str, str], int], timeout: float,
             if (svc, d) not in seen and table[svc][d] == w:
                 seen[(svc, d)] = now - t0
         return len(seen) == len(want)
-    try:
-        poll(f"kernel weights {want}", probe, timeout)
-    except AssertionError as exc:
-        raise AssertionError(f"{exc}; seen {seen}; table {kernel.read()}") from None
+    wait_until(probe, 10.0, lambda: f"kernel weights {want}; seen {seen}; table {kernel.read()}",
+               every=0.02, fixed=bound)
     return seen
 
 
@@ -214,8 +214,8 @@ def test_http_pulse_takes_a_stopped_backend_out_of_kernel_and_traffic_and_climbs
         time.sleep(1.0)  # traffic over all three first
         killed_at = time.monotonic()
         topo.servers[1].terminate()  # b2 stops listening
-        topo.servers[1].wait(timeout=10)
-        detect = watch(kernel, {(svc, b2): 0}, DOWN_BOUND + 10.0, killed_at)[(svc, b2)]
+        topo.servers[1].wait(timeout=limit(10))
+        detect = watch(kernel, {(svc, b2): 0}, DOWN_BOUND, killed_at)[(svc, b2)]
         zero_at = killed_at + detect
         table = kernel.read()
         assert table == {svc: {**full[svc], b2: 0}}, table
@@ -233,7 +233,8 @@ def test_http_pulse_takes_a_stopped_backend_out_of_kernel_and_traffic_and_climbs
             if w != (climb[-1][1] if climb else 0):
                 climb.append((time.monotonic() - listening_at, w))
             return w == 100
-        poll("b2 back at weight 100", climbed, UP_BOUND + 3 * STEP_BOUND + 5.0)
+        wait_until(climbed, 5.0, "b2 back at weight 100", every=0.02,
+                   fixed=UP_BOUND + 3 * STEP_BOUND)
         full_at = time.monotonic()
         assert kernel.read() == ipvsadm_weights(topo.lb) == full
         time.sleep(1.0)  # traffic at full weight
@@ -343,18 +344,17 @@ def test_each_check_type_takes_its_real_server_down_to_0_and_back(lb, pulse_work
             t0[service] = time.monotonic()
             action()
         base = min(t0.values())
-        seen = watch(kernel, {keys[s]: 0 for s in types}, down_bound(EXEC_TIMEOUT) + 10.0, base)
+        seen = watch(kernel, {keys[s]: 0 for s in types}, down_bound(EXEC_TIMEOUT), base)
         detect = {s: seen[keys[s]] - (t0[s] - base) for s in types}
         downs = {s: view(writer, s, cases[s][2]) for s in types}
         # A check in flight when its server stopped fails as the stop found it (an https
         # handshake cut: "Connection reset by peer"); the next ones, on a port nobody listens
         # to, must name the cause: wait for one (a check interval or two).
         for s in ("tcp", "https"):
-            deadline = time.monotonic() + down_bound(TIMEOUT)
-            while ("connection refused" not in downs[s]["check"]["error"]
-                   and time.monotonic() < deadline):
-                time.sleep(0.1)
-                downs[s] = view(writer, s, cases[s][2])
+            downs[s] = wait_until(lambda s=s: view(writer, s, cases[s][2]), SLACK,
+                                  f"{s}'s check to say connection refused", every=0.1,
+                                  fixed=INTERVAL * (1 + JITTER) + TIMEOUT,
+                                  until=lambda v: "connection refused" in v["check"]["error"])
         assert ipvsadm_weights(topo.lb) == {svc: {d: 0} for svc, d in keys.values()}
 
         # Up: everything back.
@@ -365,7 +365,7 @@ def test_each_check_type_takes_its_real_server_down_to_0_and_back(lb, pulse_work
             action()
             t1[service] = time.monotonic()  # after the server listens again
         base = min(t1.values())
-        seen = watch(kernel, {keys[s]: 100 for s in types}, up_bound(EXEC_TIMEOUT) + 10.0, base)
+        seen = watch(kernel, {keys[s]: 100 for s in types}, up_bound(EXEC_TIMEOUT), base)
         recover = {s: seen[keys[s]] - (t1[s] - base) for s in types}
         ups = checked(writer, worker, {(s, cases[s][2]): "up" for s in types}, timeout=5.0)
         assert kernel.read() == ipvsadm_weights(topo.lb) == expect
@@ -404,8 +404,8 @@ def test_sigkill_of_the_worker_under_traffic_changes_no_kernel_weight(lb, pulse_
     worker = pulse_worker(writer)
     checked(writer, worker, {("web", n): "up" for n in topo.backends})
     topo.servers[2].terminate()  # b3 down for good
-    topo.servers[2].wait(timeout=10)
-    watch(kernel, {(svc, dests["b3"]): 0}, 2 * DOWN_BOUND + 10.0, time.monotonic())
+    topo.servers[2].wait(timeout=limit(10))
+    watch(kernel, {(svc, dests["b3"]): 0}, 2 * DOWN_BOUND, time.monotonic())
     expected = {svc: {dests["b1"]: 100, dests["b2"]: 100, dests["b3"]: 0}}
     assert kernel.read() == ipvsadm_weights(topo.lb) == expected
 
@@ -428,23 +428,26 @@ def test_sigkill_of_the_worker_under_traffic_changes_no_kernel_weight(lb, pulse_
         ipvsadm_samples.append(ipvsadm_weights(topo.lb))
         replacement = pulse_worker(writer)
         # The replacement has checked every target a few times (b3 with backoff: at least once).
-        stop_at = time.monotonic() + 40.0
-        while True:
+        fresh: dict[str, dict] = {}
+
+        def checked_again() -> bool:
             ipvsadm_samples.append(ipvsadm_weights(topo.lb))
             views = {n: view(writer, "web", n) for n in topo.backends}
-            fresh = {n: v["check"] for n, v in views.items()
-                     if v["check"] is not None and v["check"]["at"] > killed_wall}
+            fresh.clear()
+            fresh.update({n: v["check"] for n, v in views.items()
+                          if v["check"] is not None and v["check"]["at"] > killed_wall})
             if (len(fresh) == 3 and fresh["b1"]["checks"] >= 3 and fresh["b2"]["checks"] >= 3
                     and fresh["b3"]["checks"] >= 2):
-                break
+                return True
             assert replacement.proc.poll() is None, replacement.tail()
-            assert time.monotonic() < stop_at, (fresh, replacement.tail())
-            time.sleep(0.3)
+            return False
+        wait_until(checked_again, 40, lambda: f"the replacement's checks: {fresh}\n"
+                   f"{replacement.tail()}", every=0.3)
         settled_at = time.monotonic()
         ipvsadm_samples.append(ipvsadm_weights(topo.lb))
     finally:
         done.set()
-        sampler.join(timeout=5)
+        sampler.join(timeout=limit(5))
         records = pacer.stop()
     print(f"\n[pulse worker kill] replacement checked everything {settled_at - killed_at:.2f} s "
           f"after the SIGKILL; {len(samples)} /proc samples and {len(ipvsadm_samples)} ipvsadm "

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import json
 import re
-import time
 
+from tests.pace import limit, wait_until
 from tests.sandbox.conftest import sh
 from tests.sandbox.test_kinds import create, last_start, listing, services
 
@@ -26,7 +26,7 @@ def failed_start(writer, *args: str) -> str:
     """Start ``writer`` expecting exit code 2; return what it logged in this run."""
     offset = writer.log.stat().st_size if writer.log.exists() else 0
     writer.start(*args, wait=False)
-    assert writer.proc.wait(timeout=60) == 2, writer.log.read_text()
+    assert writer.proc.wait(timeout=limit(60)) == 2, writer.log.read_text()
     return writer.log.read_text()[offset:]
 
 
@@ -165,10 +165,8 @@ def test_the_journal_survives_sigkill_a_torn_record_and_compactions(writer_facto
     assert kernel["TCP 10.77.0.1:80"][1]["10.77.1.20:8080"] == ("Masq", 40)
     # (A compaction still running would have the commits in .journal.next: let it finish, so
     # that the torn record below lands in the journal the restart appends to.)
-    deadline = time.monotonic() + 10
-    while w.state_file.with_name("state.json.journal.next").exists():
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    following = w.state_file.with_name("state.json.journal.next")
+    wait_until(lambda: not following.exists(), 10, "the compaction to finish")
     assert w.kill() == -9
     w.stop()
     assert json.loads(w.state_file.read_bytes())["generation"] > 2  # compactions ran

@@ -32,8 +32,9 @@ from gorb.common import runtime
 from gorb.common.transport import RequestClient
 from gorb.services.launcher import netns as launcher_netns
 from gorb.services.launcher.relay import Relay, connect_in
-from tests.sandbox import topology
 from tests import installed
+from tests.pace import limit, wait_until
+from tests.sandbox import topology
 from tests.sandbox.conftest import ipvsadm, open_to_all, sh
 from tests.sandbox.topology import BACKEND_PORT, VIP, VIP_PORT
 
@@ -105,7 +106,8 @@ class Gorb:
 
     def ctl(self, *args: str) -> str:
         proc = subprocess.run([installed.gorb(), "ctl", "--runtime-dir", str(self.run_dir),
-                               *args], cwd="/", capture_output=True, text=True, timeout=60)
+                               *args], cwd="/", capture_output=True, text=True,
+                              timeout=limit(60))
         return proc.stdout + proc.stderr
 
     def processes(self) -> dict[str, dict]:
@@ -126,14 +128,12 @@ class Gorb:
         return self.processes()[name]["pid"]
 
     def wait_states(self, want: dict[str, str], timeout: float = 40.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def reached() -> bool:
             if self.proc.poll() is not None:
                 raise AssertionError(f"gorb run exited {self.proc.returncode}:\n{self.log()}")
-            if {k: v for k, v in self.states().items() if k in want} == want:
-                return
-            time.sleep(0.3)
-        raise AssertionError(f"not {want}: {self.states()}\n{self.log()}")
+            return {k: v for k, v in self.states().items() if k in want} == want
+        wait_until(reached, timeout, lambda: f"{want} (now {self.states()})\n{self.log()}",
+                   every=0.3)
 
     def log(self) -> str:
         logs = [self.out, *sorted(self.log_dir.glob("*.log"))]
@@ -141,7 +141,9 @@ class Gorb:
                          for p in logs if p.exists())
 
     def connect(self, timeout: float = 5.0) -> http.client.HTTPConnection:
-        """An HTTP connection to the API, its socket made inside the namespace."""
+        """An HTTP connection to the API, its socket made inside the namespace; ``timeout``: a
+        limit (scaled by the pace)."""
+        timeout = limit(timeout)
         sock = connect_in(self._ns_fd, self.api_address, timeout=timeout)
         sock.settimeout(timeout)
         conn = http.client.HTTPConnection(*self.api_address, timeout=timeout)
@@ -166,15 +168,12 @@ class Gorb:
         return reply.status, json.loads(reply.raw or b"null")
 
     def wait_api(self, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def answers() -> bool:
             try:
-                if self.http("GET", "/health").status == 200:
-                    return
+                return self.http("GET", "/health").status == 200
             except OSError:
-                pass
-            time.sleep(0.3)
-        raise AssertionError(f"the API does not answer:\n{self.log()}")
+                return False
+        wait_until(answers, timeout, lambda: f"the API to answer:\n{self.log()}", every=0.3)
 
 
 _FWD = {"Masq", "Route", "Tunnel", "Local"}
@@ -202,30 +201,12 @@ def proc_table(pid: int) -> dict[str, dict[str, tuple[str, int]]]:
 
 def writer_request(run_dir: Path, type_: str, body: dict) -> dict:
     client = RequestClient(zmq.Context.instance(), runtime.endpoint(run_dir, runtime.WRITER),
-                           "tests", timeout=10.0)
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                return client.request(type_, body, timeout=2.0)
-            except Exception:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)
+                           "tests", timeout=limit(10.0))
+    try:  # the writer may be starting: its transport errors count as not yet
+        return wait_until(lambda: client.request(type_, body, timeout=limit(2.0)), 20,
+                          f"the writer to answer {type_}", every=0.2, ignoring=(Exception,))
     finally:
         client.close()
-
-
-def poll(what: str, get, ok, timeout: float, every: float = 0.2):
-    """``get()`` until ``ok(value)``; AssertionError with the last value after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = get()
-        if ok(value):
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: still {value!r} after {timeout:.0f} s")
-        time.sleep(every)
 
 
 @pytest.fixture
@@ -244,7 +225,7 @@ def test_gorb_run_supervises_writer_api_and_pulse_workers(gorb):
     assert "pulse-worker:pulse-worker_00 " in status, status  # one group, numprocs = 2
     plain = subprocess.run([str(installed.venv() / "bin" / "supervisorctl"), "-c",
                             str(gorb.run_dir / "supervisord.conf"), "status"],
-                           capture_output=True, text=True, timeout=60).stdout
+                           capture_output=True, text=True, timeout=limit(60)).stdout
     assert "ipvs-writer" in plain and "RUNNING" in plain
 
     reply = writer_request(gorb.run_dir, "service.create",
@@ -284,7 +265,7 @@ def test_gorb_run_supervises_writer_api_and_pulse_workers(gorb):
     pids = set(sh(f"ip netns pids {gorb.ns}").split())
     assert len(pids) >= 1 + len(PROGRAMS), pids
     gorb.proc.send_signal(signal.SIGTERM)
-    assert gorb.proc.wait(timeout=40) == 0, gorb.log()
+    assert gorb.proc.wait(timeout=limit(40)) == 0, gorb.log()
     assert sh(f"ip netns pids {gorb.ns}").split() == []
     assert [p for p in pids if Path(f"/proc/{p}").exists()] == []
     assert ipvsadm(gorb.ns) == table  # the writer leaves IPVS in place when it stops
@@ -314,13 +295,15 @@ def test_a_killed_pulse_worker_is_restarted_and_no_kernel_weight_moves(netns, tm
             f"{topo.addresses['b1']}:{BACKEND_PORT}": ("Masq", 100),
             f"{topo.addresses['b2']}:{BACKEND_PORT}": ("Masq", 100),
             f"{topo.addresses['b2']}:9": ("Masq", 0)}}
-        poll("the settled table", lambda: proc_table(gorb.proc.pid), settled.__eq__, 20.0)
+        wait_until(lambda: proc_table(gorb.proc.pid), 20.0, "the settled table", every=0.2,
+                   until=settled.__eq__)
 
         def names() -> dict[str, str]:
             return {rs: gorb.http("GET", f"/service/web/{rs}").json()["metrics"]["status_name"]
                     for rs in hosts}
 
-        poll("pulse verdicts", names, {"b1": "up", "b2": "up", "dead": "down"}.__eq__, 20.0)
+        wait_until(names, 20.0, "pulse verdicts", every=0.2,
+                   until={"b1": "up", "b2": "up", "dead": "down"}.__eq__)
         assert {k: v["dests"] for k, v in ipvsadm(topo.lb).items()} == settled
 
         # Each worker in turn, so that whichever worker owns a target (rendezvous hashing) was
@@ -329,19 +312,22 @@ def test_a_killed_pulse_worker_is_restarted_and_no_kernel_weight_moves(netns, tm
         for name in ("pulse-worker_00", "pulse-worker_01"):
             old = gorb.pid(name)
             os.kill(old, signal.SIGKILL)
-            back, deadline = None, time.monotonic() + 40.0
-            while time.monotonic() < deadline:
+            back: list[float] = []
+
+            def sampled_until_rounds_ran(name=name, old=old, back=back) -> bool:
+                nonlocal samples, restarted_at
                 table = proc_table(gorb.proc.pid)
                 samples += 1
                 assert table == settled, f"{name} killed, sample {samples}: {table}"
-                if back is None:
+                if not back:
                     info = gorb.processes().get(name, {})
                     if info.get("statename") == "RUNNING" and info.get("pid") not in (0, old):
-                        back, restarted_at = time.monotonic(), time.time()
-                elif time.monotonic() > back + 4.0:  # the new worker ran a few 1 s rounds
-                    break
-                time.sleep(0.05)
-            assert back is not None, f"{name} not restarted: {gorb.processes()}\n{gorb.log()}"
+                        back.append(time.monotonic())
+                        restarted_at = time.time()
+                    return False
+                return time.monotonic() > back[0] + 4.0  # the new worker ran a few 1 s rounds
+            wait_until(sampled_until_rounds_ran, 40,
+                       lambda: f"{name} restarted: {gorb.processes()}\n{gorb.log()}", every=0.05)
             assert gorb.pid(name) != old
             assert f"exited: {name} (terminated by SIGKILL" in \
                 (gorb.root / "log" / "supervisord.log").read_text()
@@ -353,8 +339,8 @@ def test_a_killed_pulse_worker_is_restarted_and_no_kernel_weight_moves(netns, tm
             return [gorb.http("GET", f"/service/web/{rs}").json()["metrics"]["last_check"] or 0
                     for rs in hosts]
 
-        poll("checks after the restart", last_checks,
-              lambda ts: min(ts) > restarted_at, 15.0)
+        wait_until(last_checks, 15.0, "checks after the restart", every=0.2,
+                   until=lambda ts: min(ts) > restarted_at)
         assert proc_table(gorb.proc.pid) == settled
         result = topo.requests(20)
         assert result["failures"] == 0, result["errors"]
@@ -398,11 +384,11 @@ def test_relay_reaches_a_server_that_exists_only_inside_a_namespace(netns):
     relay.start()
     dead.start()
     try:
-        with socket.create_connection(relay.listener.getsockname(), timeout=10) as client:
+        with socket.create_connection(relay.listener.getsockname(), timeout=limit(10)) as client:
             client.sendall(b"ping")
             client.shutdown(socket.SHUT_WR)
             assert _recv_all(client) == b"PING"
-        with socket.create_connection(dead.listener.getsockname(), timeout=10) as client:
+        with socket.create_connection(dead.listener.getsockname(), timeout=limit(10)) as client:
             assert _recv_all(client) == b""  # nothing listens there: closed, not hung
     finally:
         relay.close()

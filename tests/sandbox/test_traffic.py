@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from tests.pace import wait_until
 from tests.sandbox import topology
 from tests.sandbox.conftest import ipvsadm, sh
 from tests.sandbox.topology import BACKEND_PORT, VIP, VIP_PORT, Topology
@@ -61,16 +62,14 @@ def kernel_text(ns: str) -> list[str]:
             for line in sh("ipvsadm -Ln", ns=ns).splitlines()]
 
 
-def connections_counted(ns: str, at_least: int, timeout: float = 6.0) -> int:
+def connections_counted(ns: str, at_least: int) -> int:
     """The VIP service's kernel connection counter, polled until it reaches ``at_least``: the
-    estimator publishes the counters only every 2 s."""
-    deadline = time.monotonic() + timeout
-    while True:
+    estimator publishes the counters only every 2 s (those, then a limit)."""
+    def conns() -> int:
         out = sh(f"ipvsadm -Ln --stats --exact -t {VIP}:{VIP_PORT}", ns=ns)
-        conns = int(next(line for line in out.splitlines() if line.startswith("TCP")).split()[2])
-        if conns >= at_least or time.monotonic() > deadline:
-            return conns
-        time.sleep(0.5)
+        return int(next(line for line in out.splitlines() if line.startswith("TCP")).split()[2])
+    return wait_until(conns, 4.0, f"{at_least} connections counted", every=0.5, fixed=2.0,
+                      until=lambda n: n >= at_least)
 
 
 def backends_view(view: dict) -> dict:
@@ -94,12 +93,9 @@ def test_rr_over_a_nat_vip_reaches_every_backend_evenly(lb):
 
     # Reads carry the kernel's live statistics: 10 connections per backend, 30 for the service
     # (the kernel's estimator publishes counters every 2 s, so poll).
-    deadline = time.monotonic() + 6.0
-    while True:
-        view = writer.must("service.get", {"service": SERVICE})["data"]
-        if view["kernel"]["stats"]["conns"] >= 30 or time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
+    view = wait_until(lambda: writer.must("service.get", {"service": SERVICE})["data"], 4.0,
+                      "30 connections in the view's stats", every=0.5, fixed=2.0,
+                      until=lambda v: v["kernel"]["stats"]["conns"] >= 30)
     stats = view["kernel"]["stats"]
     assert stats["conns"] == 30
     assert stats["inpkts"] > 0 and stats["outpkts"] > 0

@@ -30,6 +30,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from tests.pace import factor, limit
 from tests.sandbox.conftest import sh
 
 VIP = "10.77.0.100"
@@ -106,14 +107,15 @@ print(json.dumps({"requests": n, "counts": counts, "failures": len(errors), "err
 
 
 def _read_line(proc: subprocess.Popen, timeout: float, what: str) -> str:
-    """The next stdout line of ``proc`` within ``timeout`` s (AssertionError otherwise)."""
+    """The next stdout line of ``proc`` within ``timeout`` s, already a limit (AssertionError
+    otherwise)."""
     assert proc.stdout is not None
     ready, _, _ = select.select([proc.stdout], [], [], timeout)
     if not ready:
-        raise AssertionError(f"{what}: no output within {timeout:.0f} s")
+        raise AssertionError(f"{what}: no output within {timeout:.0f} s (pace {factor():.2f})")
     line = proc.stdout.readline()
     if not line:
-        proc.wait(timeout=5)
+        proc.wait(timeout=limit(5))
         err = proc.stderr.read() if proc.stderr else ""
         raise AssertionError(f"{what} exited with {proc.returncode}: {err.strip()}")
     return line.strip()
@@ -123,7 +125,7 @@ def _stop(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         proc.terminate()
         try:
-            proc.wait(timeout=5)
+            proc.wait(timeout=limit(5))
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
@@ -151,14 +153,16 @@ class Topology:
                     host: str = VIP, port: int = VIP_PORT) -> ClientLoop:
         """Start a client loop (``count`` requests, or for at most ``duration`` s: ``stop()``
         ends it sooner) and return once it runs. At the ~700 requests/s seen in the guest, a loop
-        of more than ~30 s starts reusing client ports whose IPVS entries are still in TIME_WAIT."""
+        of more than ~30 s starts reusing client ports whose IPVS entries are still in TIME_WAIT.
+        ``timeout`` (each request's) is a limit, scaled by the pace; ``duration`` is not."""
         assert bool(count) != bool(duration), "give either count or duration"
+        timeout = limit(timeout)
         cmd = ["ip", "netns", "exec", self.client, *PYTHON, CLIENT,
                host, str(port), str(count), str(duration), str(timeout)]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        loop = ClientLoop(proc, deadline=30.0 + duration + count * timeout)
+        loop = ClientLoop(proc, deadline=limit(30.0) + duration + count * timeout)
         try:
-            line = _read_line(proc, 30.0, "client loop")
+            line = _read_line(proc, limit(30.0), "client loop")
             assert line == "started", line
         except BaseException:
             _stop(proc)
@@ -184,7 +188,7 @@ class ClientLoop:
         """Wait for the loop to end; its summary (see ``CLIENT``)."""
         try:
             line = _read_line(self.proc, self.deadline, "client loop")
-            self.proc.wait(timeout=10)
+            self.proc.wait(timeout=limit(10))
             return json.loads(line)
         finally:
             _stop(self.proc)
@@ -219,7 +223,7 @@ def build(netns: Callable[[str], str], n_backends: int = 3) -> Topology:
                 ["ip", "netns", "exec", ns, *PYTHON, SERVER, name, str(BACKEND_PORT)],
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
         for name, proc in zip(backends, topo.servers):
-            line = _read_line(proc, 30.0, f"HTTP server {name}")
+            line = _read_line(proc, limit(30.0), f"HTTP server {name}")
             assert line == "listening", line
     except BaseException:
         topo.close()

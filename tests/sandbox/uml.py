@@ -15,6 +15,9 @@ Variables ``GORB_TEST_*`` of our environment (``GORB_TEST_VENV``: the install th
 ``tests/installed.py``) are set inside too, and a path one of them names (a file's directory) is mounted
 (read-write, same path) when the guest's own tmpfs would hide it.
 
+``--timeout`` is a limit: scaled by this host's pace (``tests/pace.py``), since the guest runs as
+fast as the host lets it.
+
 Exit status: the command's, or 124 on timeout, or 125 when the guest died without one.
 """
 
@@ -30,6 +33,7 @@ from pathlib import Path
 
 from gorb.services.launcher import uml
 from gorb.services.launcher.uml import available
+from tests import pace
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -83,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         parser.error("a command to run is required")
-    return run(command, timeout=args.timeout, mem=args.mem, mounts=tuple(args.mount))
+    print(f"sandbox: {pace.speed()}", file=sys.stderr)
+    return run(command, timeout=pace.limit(args.timeout), mem=args.mem, mounts=tuple(args.mount))
 
 
 if __name__ == "__main__":

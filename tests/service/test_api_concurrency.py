@@ -23,6 +23,7 @@ import zmq.green
 from gorb.common import runtime
 from gorb.common.transport import RouterServer
 from gorb.services.api.writer_client import WriterClient
+from tests.pace import limit, wait_until
 from tests.service.test_api_support import (
     ROOT,
     ApiProcess,
@@ -42,7 +43,7 @@ PER_CLIENT = 8
 def system(tmp_path):
     with short_rundir() as rundir:
         writer = WriterThread(rundir, tmp_path / "state.json")
-        api = ApiProcess(rundir, tmp_path, writer_timeout=1.0)
+        api = ApiProcess(rundir, tmp_path, writer_timeout=limit(1.0))  # a limit: 32 clients
         try:
             yield writer, api
         finally:
@@ -75,7 +76,7 @@ class Client(threading.Thread):
     def call(self, method, path, body=None):
         for attempt in range(2):
             if self.conn is None:
-                self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=20)
+                self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=limit(20))
             try:
                 status, headers, data = request(method, self.port, path, body, conn=self.conn)
                 self.statuses.append(status)
@@ -155,11 +156,9 @@ def run_clients(port: int, until: threading.Event | None = None) -> list[Client]
     return clients
 
 
-def join(clients: list[Client], timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    for c in clients:
-        c.join(max(0.1, deadline - time.monotonic()))
-    assert not any(c.is_alive() for c in clients), "clients did not finish"
+def join(clients: list[Client], seconds: float = 90) -> None:
+    wait_until(lambda: not any(c.is_alive() for c in clients), seconds, "the clients to finish",
+               every=0.1)
     wrong = [w for c in clients for w in c.wrong]
     assert wrong == [], f"{len(wrong)} wrong answers, e.g. {wrong[:5]}"
 
@@ -188,9 +187,9 @@ def test_a_writer_restart_midway_gives_503s_but_never_a_wrong_answer(system):
     assert request("PUT", api.port, "/service/web", {"host": "10.0.0.1", "port": 80})[0] == 200
     restarted = threading.Event()
     clients = run_clients(api.port, until=restarted)
-    time.sleep(0.5)  # everyone is busy
+    time.sleep(limit(0.5))  # everyone is busy
     writer.stop()
-    time.sleep(1.5)  # longer than the API's writer_timeout: requests meanwhile must be 503s
+    time.sleep(limit(1.5))  # past the API's writer_timeout (a limit of 1 s): requests get 503s
     for c in clients:
         c.restarted = True
     writer.start()  # same endpoint, state from the state file, same kernel
@@ -212,7 +211,7 @@ def test_the_live_server_reads_chunked_bodies_and_limits_every_body(system):
         for i in range(0, len(data), size):
             yield data[i:i + size]
 
-    conn = http.client.HTTPConnection("127.0.0.1", api.port, timeout=10)
+    conn = http.client.HTTPConnection("127.0.0.1", api.port, timeout=limit(10))
     try:
         body = json.dumps({"host": "10.0.0.1", "port": 80}).encode()
         conn.request("PUT", "/service/web", body=chunks(body, 5), encode_chunked=True)
@@ -242,30 +241,34 @@ def test_replies_out_of_order_reach_their_own_greenlets():
 
         def shuffler() -> None:
             got = []
-            deadline = time.monotonic() + 10
-            while len(got) < n and time.monotonic() < deadline:
+
+            def arrived() -> bool:
                 msg = router.recv(timeout=0.1)
                 if msg is not None:
                     got.append(msg)
-            random.Random(1).shuffle(got)
-            for identity, env in got:
-                router.reply(identity, env, {"ok": True, "errno": "ok", "reason": "",
-                                             "data": env.body}, "fake-writer")
+                return len(got) >= n
+            try:
+                wait_until(arrived, 10, f"{n} requests at the fake writer", every=0)
+            finally:  # what did arrive is answered: the test then says which did not
+                random.Random(1).shuffle(got)
+                for identity, env in got:
+                    router.reply(identity, env, {"ok": True, "errno": "ok", "reason": "",
+                                                 "data": env.body}, "fake-writer")
 
         thread = threading.Thread(target=shuffler, daemon=True)
         thread.start()
         gctx = zmq.green.Context()
-        client = WriterClient(gctx, endpoint, timeout=10)
+        client = WriterClient(gctx, endpoint, timeout=limit(10))
         try:
             jobs = [gevent.spawn(client.request, "service.get", {"service": f"s{i}"})
                     for i in range(n)]
-            gevent.joinall(jobs, timeout=15)
+            gevent.joinall(jobs, timeout=limit(15))
             assert [job.value["data"]["service"] if job.successful() else job.exception
                     for job in jobs] == [f"s{i}" for i in range(n)]
         finally:
             client.close()
             gctx.destroy(linger=0)
-            thread.join(5)
+            thread.join(limit(5))
             router.close()
             ctx.destroy(linger=0)
 
@@ -288,7 +291,7 @@ def test_a_dead_reply_reader_exits_70_for_supervisord(tmp_path):
                 "from gorb.services.api.main import main; sys.exit(main(sys.argv[1:]))")
         proc = subprocess.run([sys.executable, "-c", code, "--runtime-dir", rundir,
                                "-l", f"127.0.0.1:{free_port()}", "--config", os.devnull],
-                              cwd=ROOT, capture_output=True, timeout=30, env=clean_env())
+                              cwd=ROOT, capture_output=True, timeout=limit(30), env=clean_env())
     assert proc.returncode == 70, proc.stderr
     assert b"ZeroDivisionError" in proc.stderr
 
@@ -303,7 +306,7 @@ def test_a_bad_configuration_exits_2(tmp_path, config):
     path = tmp_path / "gorb.toml"
     path.write_text(config)
     proc = subprocess.run([sys.executable, "-m", "gorb.services.api", "--config", str(path)],
-                          cwd=ROOT, capture_output=True, timeout=30, env=clean_env())
+                          cwd=ROOT, capture_output=True, timeout=limit(30), env=clean_env())
     assert proc.returncode == 2, proc.stderr
     assert b"gorb-api:" in proc.stderr
 
@@ -317,6 +320,6 @@ def test_a_port_in_use_exits_2(tmp_path):
         port = s.getsockname()[1]
         proc = subprocess.run([sys.executable, "-m", "gorb.services.api", "--runtime-dir", rundir,
                                "-l", f"127.0.0.1:{port}", "--config", str(empty)], cwd=ROOT,
-                              capture_output=True, timeout=30, env=clean_env())
+                              capture_output=True, timeout=limit(30), env=clean_env())
     assert proc.returncode == 2, proc.stderr
     assert b"cannot listen" in proc.stderr

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.pace import limit
 from tests.service.test_api_support import (
     AnyScheduler,
     ApiProcess,
@@ -40,16 +41,16 @@ def test_schemathesis_finds_no_server_error_and_no_dropped_connection(tmp_path):
         kernel.schedulers = AnyScheduler()  # an unknown scheduler is the kernel's 500, by design
         writer = WriterThread(rundir, kernel=kernel)
         # host names resolve without DNS: the fuzz must not depend on (or wait for) a network
-        api = ApiProcess(rundir, tmp_path, writer_timeout=5.0,
+        api = ApiProcess(rundir, tmp_path, writer_timeout=limit(5.0),
                          resolver="tests.service.test_api_support:hashed_resolve")
         try:
             proc = subprocess.run(
                 [str(SCHEMATHESIS), "run", f"{api.base}/openapi.json",
                  "--checks", "all", "--exclude-checks", "positive_data_acceptance",
                  "--max-examples", "30", "--seed", "1", "--workers", "1",
-                 "--request-timeout", "10", "--report", "junit",
+                 "--request-timeout", f"{limit(10):.1f}", "--report", "junit",
                  "--report-junit-path", str(report)],
-                cwd=tmp_path, capture_output=True, timeout=150)
+                cwd=tmp_path, capture_output=True, timeout=limit(150))
             writer_alive = writer.thread.is_alive()
         finally:
             code = api.stop()

@@ -39,13 +39,15 @@ from gorb.services.api.discovery_client import SYNC_TIMEOUT, DiscoveryClient
 from gorb.services.api.writer_client import WriterClient
 from gorb.services.discovery.syncer import Syncer
 from tests.consul_double import ConsulDouble
-from tests.service.test_api_support import WriterThread, free_port, request, short_rundir
-from tests.service.test_discovery_consul import (
-    Host,
-    eventually,
-    kv_delete,
-    kv_put,
+from tests.pace import limit, wait_until
+from tests.service.test_api_support import (
+    WriterThread,
+    free_port,
+    request,
+    short_rundir,
+    wait_up,
 )
+from tests.service.test_discovery_consul import Host, kv_delete, kv_put
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -79,7 +81,7 @@ class FakeDiscovery:
         self._ready = threading.Event()
         self.thread = threading.Thread(target=self._run, name="fake-discovery", daemon=True)
         self.thread.start()
-        assert self._ready.wait(5)
+        assert self._ready.wait(limit(5))
 
     def _run(self) -> None:
         ctx = zmq.Context()
@@ -100,7 +102,7 @@ class FakeDiscovery:
 
     def stop(self) -> None:
         self.running = False
-        self.thread.join(5)
+        self.thread.join(limit(5))
 
 
 class Api:
@@ -113,7 +115,7 @@ class Api:
         if writer_endpoint is None:
             self.writer = WriterThread(rundir)
             writer_endpoint = self.writer.endpoint
-        self.client = WriterClient(self.ctx, writer_endpoint, timeout=5.0)
+        self.client = WriterClient(self.ctx, writer_endpoint, timeout=limit(5.0))
         self.discovery = DiscoveryClient(self.ctx, store_messages.endpoint(rundir),
                                          **client_kw) if store else None
         _, wsgi = build(self.client, discovery=self.discovery)
@@ -220,7 +222,7 @@ def test_discovery_not_running_is_a_quick_503(api):
         t0 = time.monotonic()
         status, body = a.get(path)
         assert status == 503 and body["error"].startswith("discovery is not running"), body
-        assert time.monotonic() - t0 < 2.0
+        assert time.monotonic() - t0 < limit(1.7, fixed=0.3)  # the connect_timeout + a limit
     assert a.get("/service") == (200, [])  # the writer's routes are not affected
 
 
@@ -268,16 +270,12 @@ def _api_process(rundir: str, tmp: Path, discovery: str) -> tuple[subprocess.Pop
     proc = subprocess.Popen([sys.executable, "-m", "gorb.services.api", "--config", str(config)],
                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                             stderr=(tmp / "api.log").open("wb"))
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, (tmp / "api.log").read_text()
-        try:
-            request("GET", port, "/openapi.json", timeout=1)
-            return proc, port
-        except OSError:
-            time.sleep(0.05)
-    proc.kill()
-    raise AssertionError((tmp / "api.log").read_text())
+    try:
+        wait_up(proc, port, (tmp / "api.log").read_text)
+    except AssertionError:
+        proc.kill()
+        raise
+    return proc, port
 
 
 @pytest.mark.parametrize("discovery, asked", [
@@ -299,7 +297,7 @@ def test_the_api_process_asks_discovery_only_with_a_store(fake, rundir, tmp_path
             assert fake.requests == []
     finally:
         proc.terminate()
-        assert proc.wait(10) == 0
+        assert proc.wait(limit(10)) == 0
 
 
 # --- against the real discovery, writer and Consul double ---------------------------------------
@@ -329,9 +327,10 @@ def _end_to_end(a: Api, host: Host, consul: ConsulDouble) -> None:
                                            "pulse": {"type": "none"}}) == 200
     for i in (2, 3):
         assert a.call("PUT", f"/service/s{i}", {"host": f"10.0.0.{i}", "port": 80}) == 200
-    eventually(lambda: {"gorb/services/s1", "gorb/services/s2", "gorb/services/s3",
-                        "gorb/backends/s1/a"} <= set(consul.kv), what="KV written back")
-    eventually(lambda: a.get("/store/sync/status")[1]["status"] == "ok", what="in sync")
+    wait_until(lambda: {"gorb/services/s1", "gorb/services/s2", "gorb/services/s3",
+                        "gorb/backends/s1/a"} <= set(consul.kv),
+               8, "KV written back")
+    wait_until(lambda: a.get("/store/sync/status")[1]["status"] == "ok", 8, "in sync")
     status, body = a.get("/store/sync")
     assert (status, body) == (200, {"status": "ok", "applied": [], "errors": [],
                                     "refused": None})
@@ -339,11 +338,11 @@ def _end_to_end(a: Api, host: Host, consul: ConsulDouble) -> None:
     kv_put(consul, "gorb/services/s2", {"host": "10.0.0.2", "port": 80, "method": "rr"})
     status, body = a.get("/store/sync")
     assert status == 200 and body["status"] == "ok"
-    eventually(lambda: host.views()["s2"]["options"]["method"] == "rr", what="KV change applied")
+    wait_until(lambda: host.views()["s2"]["options"]["method"] == "rr", 8, "KV change applied")
 
     # an emptied prefix: the dry run shows it refused, the sync is a 400, the kernel keeps all
     kv_delete(consul, "gorb/", recurse=True)
-    eventually(lambda: a.get("/store/sync/status")[1]["status"] == "refused", what="refused")
+    wait_until(lambda: a.get("/store/sync/status")[1]["status"] == "refused", 8, "refused")
     status, body = a.get("/store/sync/status")
     assert sorted(body["services"]["delete"]) == ["s1", "s2", "s3"]
     assert "the store is empty" in body["refused"]
@@ -368,9 +367,10 @@ def _end_to_end(a: Api, host: Host, consul: ConsulDouble) -> None:
         assert a.get("/service") == (200, ["s4"])
     finally:
         consul.start()
-    eventually(lambda: "gorb/services/s4" in consul.kv, what="caught up after the outage")
-    eventually(lambda: a.get("/store/sync/status") == (200, {
+    wait_until(lambda: "gorb/services/s4" in consul.kv, 8, "caught up after the outage")
+    wait_until(lambda: a.get("/store/sync/status") == (200, {
         "status": "ok", "store": f"{consul.url}/v1/kv/gorb/",
         "services": {"create": [], "update": [], "delete": []},
         "backends": {"create": [], "update": [], "delete": []},
-        "writes": {"put": [], "delete": []}, "refused": None, "errors": []}), what="in sync")
+        "writes": {"put": [], "delete": []}, "refused": None, "errors": []}),
+               8, "in sync")

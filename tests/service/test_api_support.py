@@ -19,11 +19,12 @@ import ssl
 import subprocess
 import sys
 import tempfile
-import time
+from collections.abc import Callable
 from pathlib import Path
 
 
 from gorb.common import runtime
+from tests.pace import limit, wait_until
 from tests.service.fake_kernel import FakeKernel
 from tests.service.writer_thread import WriterThread as SharedWriterThread
 
@@ -136,27 +137,18 @@ class ApiProcess:
             [sys.executable, *argv, "--config", str(self.config)],
             cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, env=env)
         self.base = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, f"the API exited: {self.output()}"
-            try:
-                if request("GET", self.port, "/openapi.json", timeout=1, tls=tls,
-                           headers=headers)[0] == 200:
-                    return
-            except OSError:
-                time.sleep(0.05)
-        raise AssertionError(f"the API did not come up: {self.output()}")
+        wait_up(self.proc, self.port, self.output, tls=tls, headers=headers)
 
     def output(self) -> str:
         """What the process logged so far."""
         return self.log_path.read_bytes().decode(errors="replace")
 
     def stop(self) -> int:
-        """SIGTERM and the exit code (killed after 10 s)."""
+        """SIGTERM and the exit code (killed after a limit of 10 s)."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(10)
+                self.proc.wait(limit(10))
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
@@ -164,15 +156,28 @@ class ApiProcess:
         return self.proc.returncode
 
 
+def wait_up(proc: subprocess.Popen, port: int, output: Callable[[], str], **kw) -> None:
+    """Until the API on ``port`` answers ``GET /openapi.json`` (``kw``: ``request``'s ``tls``,
+    ``headers``); failing at once when ``proc`` exits, with ``output()``."""
+    def up() -> bool:
+        assert proc.poll() is None, f"the API exited: {output()}"
+        try:
+            return request("GET", port, "/openapi.json", timeout=1, **kw)[0] == 200
+        except OSError:
+            return False
+    wait_until(up, 15, lambda: f"the API to come up: {output()}")
+
+
 def request(method: str, port: int, path: str, body: object = None, timeout: float = 10.0,
             conn: http.client.HTTPConnection | None = None, tls: ssl.SSLContext | None = None,
             headers: dict[str, str] | None = None) -> tuple[int, dict, bytes]:
     """(status, headers, body) of one HTTP request (HTTPS with the client context ``tls``);
-    ``body`` is JSON-encoded unless bytes."""
+    ``body`` is JSON-encoded unless bytes; ``timeout`` is a limit (scaled by the pace)."""
     own = conn is None
     if conn is None:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout) if tls is None \
-            else http.client.HTTPSConnection("127.0.0.1", port, timeout=timeout, context=tls)
+        t = limit(timeout)
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=t) if tls is None \
+            else http.client.HTTPSConnection("127.0.0.1", port, timeout=t, context=tls)
     try:
         data = body if body is None or isinstance(body, bytes) else json.dumps(body).encode()
         conn.request(method, path, body=data, headers=headers or {})

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.pace import limit
 from tests.service.test_api_server import read_all, response
 from tests.service.test_api_support import (
     ROOT,
@@ -39,7 +40,7 @@ READ = {"Authorization": f"Bearer {READ_SECRET}"}
 
 
 def openssl(*args: str) -> None:
-    subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
+    subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=limit(60))
 
 
 def make_cert(directory: Path, name: str) -> tuple[Path, Path]:
@@ -95,7 +96,7 @@ def https(api, method, path, body=None, headers=None):
 
 def test_https_serves_with_the_configured_certificate_and_tokens(api, certs):
     (cert, _), _ = certs
-    conn = http.client.HTTPSConnection("127.0.0.1", api.port, timeout=10, context=api.tls)
+    conn = http.client.HTTPSConnection("127.0.0.1", api.port, timeout=limit(10), context=api.tls)
     status, _, body = request("GET", api.port, "/health", conn=conn)
     assert status == 200 and json.loads(body)["auth"] == "on"
     assert conn.sock.getpeercert(binary_form=True) == ssl.PEM_cert_to_DER_cert(cert.read_text())
@@ -140,7 +141,8 @@ def test_plain_http_to_the_tls_port_fails_cleanly(api):
 
 
 def test_a_handshake_that_never_completes_is_closed_and_frees_its_slot(api):
-    stalled = [socket.create_connection(("127.0.0.1", api.port), timeout=10) for _ in range(2)]
+    stalled = [socket.create_connection(("127.0.0.1", api.port), timeout=limit(10))
+               for _ in range(2)]
     time.sleep(0.1)  # both slots of max_connections = 2 are taken by them
     answer: list = []
     started = time.monotonic()
@@ -149,14 +151,14 @@ def test_a_handshake_that_never_completes_is_closed_and_frees_its_slot(api):
     for s in stalled:
         assert read_all(s) == b""  # closed by the server, without an answer
         s.close()
-    t.join(IDLE + 10)
+    t.join(limit(10, fixed=IDLE))
     assert answer and answer[0][0] == 200
-    assert time.monotonic() - started < IDLE + 5
+    assert time.monotonic() - started < limit(5, fixed=IDLE)
     assert "not completed within the idle timeout" in api.output()
 
 
 def tls_socket(api) -> ssl.SSLSocket:
-    raw = socket.create_connection(("127.0.0.1", api.port), timeout=10)
+    raw = socket.create_connection(("127.0.0.1", api.port), timeout=limit(10))
     return api.tls.wrap_socket(raw, server_hostname="127.0.0.1")
 
 
@@ -184,7 +186,7 @@ def run_api(tmp_path: Path, api_lines: str) -> subprocess.CompletedProcess:
     config.write_text(f'[gorb]\nruntime_dir = {q(tmp_path)}\n\n[api]\nlisten = "127.0.0.1:{free_port()}"\n'
                       + api_lines)
     return subprocess.run([sys.executable, "-m", "gorb.services.api", "--config", str(config)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=30)
+                          cwd=ROOT, capture_output=True, text=True, timeout=limit(30))
 
 
 def bad_configs(tmp_path: Path, certs) -> list[tuple[str, str]]:

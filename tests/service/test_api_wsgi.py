@@ -25,6 +25,7 @@ from gorb.services.api.app import build
 from gorb.common.resolver import resolve_host
 from gorb.services.api.writer_client import WriterClient
 from gorb.services.ipvs_writer import state
+from tests.pace import limit
 from tests.service.test_api_support import DEVICE_ADDRESS, StatsKernel, WriterThread, short_rundir
 
 pytestmark = pytest.mark.timeout(60)
@@ -49,7 +50,7 @@ class Harness:
         self.kernel = StatsKernel(schedulers={"rr", "wrr", "lc", "wlc", "sh", "mh"})
         self.writer = WriterThread(rundir, state_file, self.kernel)
         self.ctx = zmq.green.Context()
-        self.client = WriterClient(self.ctx, self.writer.endpoint, timeout=0.5)
+        self.client = WriterClient(self.ctx, self.writer.endpoint, timeout=limit(0.5))
         self.api, wsgi = build(self.client,
                                resolve=lambda h: resolve_host(h, getaddrinfo=fake_getaddrinfo),
                                **build_args)
@@ -511,7 +512,7 @@ def test_a_late_reply_is_not_given_to_the_next_request(h, monkeypatch):
     def read(type_, body):
         if slow["on"] and type_ == "service.get":
             slow["on"] = False
-            time.sleep(0.8)  # past the client's 0.5 s
+            time.sleep(h.client.timeout + 0.3)  # past the client's timeout
         return real_read(type_, body)
 
     h.writer.engine.read = read

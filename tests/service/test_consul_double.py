@@ -20,6 +20,7 @@ import requests
 from consul.callback import CB
 
 from tests.consul_double import ConsulDouble
+from tests.pace import limit
 
 pytestmark = pytest.mark.timeout(15)
 
@@ -34,8 +35,10 @@ class FakeClock:
         return self.now
 
 
-def client_for(double: ConsulDouble, timeout: float = 5) -> consul.Consul:
-    c = consul.Consul(host=double.host, port=double.port, connections_timeout=timeout)
+def client_for(double: ConsulDouble, timeout: float | None = None) -> consul.Consul:
+    """A client of ``double``; ``timeout`` (the behaviour under test) or a limit of 5 s."""
+    c = consul.Consul(host=double.host, port=double.port,
+                      connections_timeout=limit(5) if timeout is None else timeout)
     c.http.session.trust_env = False  # an HTTP_PROXY in the environment must not reach 127.0.0.1
     return c
 
@@ -263,10 +266,10 @@ def test_blocking_kv_get_is_woken_by_a_put(c, double):
     put_started = time.monotonic()
     c.kv.put("cfg", "new")
     put_done = time.monotonic()
-    t.join(5)
+    t.join(limit(5))
     new_index, entry = out["result"]
     assert entry["Value"] == b"new" and int(new_index) > int(index)
-    assert put_started <= out["at"] < put_done + 0.1
+    assert put_started <= out["at"] < put_done + limit(0.1)
     assert ("GET", "/v1/kv/cfg", {"index": index, "wait": "10s"}) in double.requests
 
 
@@ -277,7 +280,7 @@ def test_blocking_kv_get_times_out_after_wait(c, double):
     again, entry = c.kv.get("cfg", index=index, wait="1s")
     elapsed = time.monotonic() - started
     assert again == index and entry["Value"] == b"v"
-    assert 1.0 <= elapsed < 1.0 + 1 / 16 + 0.25  # wait plus at most wait/16 jitter
+    assert 1.0 <= elapsed < limit(0.25, fixed=1.0 + 1 / 16)  # wait plus at most wait/16 jitter
 
 
 def test_blocking_prefix_ignores_writes_elsewhere_and_wakes_on_delete(c, double):
@@ -287,13 +290,13 @@ def test_blocking_prefix_ignores_writes_elsewhere_and_wakes_on_delete(c, double)
     t, out = in_thread(client_for(double).kv.get, "gorb/", recurse=True, index=index, wait="300ms")
     time.sleep(0.05)
     c.kv.put("elsewhere", "2")
-    t.join(5)
+    t.join(limit(5))
     assert out["result"][0] == index  # timed out: the other key is not in this view
 
     t, out = in_thread(client_for(double).kv.get, "gorb/", recurse=True, index=index, wait="10s")
     time.sleep(0.1)
     c.kv.delete("gorb/a")
-    t.join(5)
+    t.join(limit(5))
     new_index, entries = out["result"]
     assert entries is None and int(new_index) > int(index)  # the tombstone carries the index
 
@@ -310,7 +313,7 @@ def test_blocking_catalog_service_is_woken_by_a_deregister(c, double):
     time.sleep(0.1)
     assert t.is_alive()  # writes elsewhere do not move this service's index
     c.agent.service.deregister("web-2")
-    t.join(5)
+    t.join(limit(5))
     new_index, nodes = out["result"]
     assert [n["ServiceID"] for n in nodes] == ["web-1"] and int(new_index) > int(index)
 
@@ -321,7 +324,7 @@ def test_blocking_health_is_woken_by_a_ttl_pass(c, double):
     t, out = in_thread(client_for(double).health.service, "web", passing=True, index=index, wait="10s")
     time.sleep(0.1)
     c.agent.check.ttl_pass("service:web-1")
-    t.join(5)
+    t.join(limit(5))
     assert len(out["result"][1]) == 1
 
 
@@ -334,7 +337,7 @@ def test_blocking_health_wakes_when_a_ttl_runs_out():
         assert len(nodes) == 1
         started = time.monotonic()
         _, nodes = c.health.service("web", passing=True, index=index, wait="5s")
-        assert nodes == [] and 0.25 <= time.monotonic() - started < 1.0
+        assert nodes == [] and 0.25 <= time.monotonic() - started < limit(0.7, fixed=0.3)
 
 
 def test_check_ttls_wakes_watchers_after_the_injected_clock_moves(c, double, clock):
@@ -345,7 +348,7 @@ def test_check_ttls_wakes_watchers_after_the_injected_clock_moves(c, double, clo
     time.sleep(0.1)
     clock.now += 60
     double.check_ttls()
-    t.join(5)
+    t.join(limit(5))
     assert out["result"][1] == []
 
 
@@ -358,7 +361,7 @@ def test_agent_service_blocks_on_its_content_hash(c, double):
     time.sleep(0.1)
     assert t.is_alive()
     register_web(c, port=81)
-    t.join(5)
+    t.join(limit(5))
     assert out["result"]["Port"] == 81 and out["result"]["ContentHash"] != first["ContentHash"]
 
 
@@ -393,7 +396,7 @@ def test_forget_agent_removes_registrations_and_wakes_watchers(c, double):
     t, out = in_thread(client_for(double).catalog.service, "web", index=index, wait="10s")
     time.sleep(0.1)
     double.forget_agent()
-    t.join(5)
+    t.join(limit(5))
     assert out["result"][1] == []
     assert c.agent.services() == {} and c.agent.checks() == {}
     assert c.catalog.services()[1] == {"consul": []}
@@ -425,9 +428,9 @@ def test_stop_breaks_a_blocked_query(c, double):
     time.sleep(0.1)
     stopped = time.monotonic()
     double.stop()
-    t.join(5)
+    t.join(limit(5))
     assert isinstance(out["error"], requests.exceptions.ConnectionError)
-    assert out["at"] - stopped < 1.0
+    assert out["at"] - stopped < limit(1.0)
 
 
 def test_faults_answer_errors_then_clear(c, double):
@@ -456,12 +459,12 @@ def test_standalone_entry_serves_until_sigterm():
     try:
         url = proc.stdout.readline().strip()
         host, port = url.removeprefix("http://").rsplit(":", 1)
-        c = consul.Consul(host=host, port=int(port), connections_timeout=5)
+        c = consul.Consul(host=host, port=int(port), connections_timeout=limit(5))
         c.http.session.trust_env = False
         assert c.kv.put("hello", "world") is True
         assert c.kv.get("hello")[1]["Value"] == b"world"
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(5) == 0
+        assert proc.wait(limit(5)) == 0
     finally:
         if proc.poll() is None:
             proc.kill()

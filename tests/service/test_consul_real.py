@@ -27,6 +27,7 @@ from gorb.services.discovery.blocking import Backoff
 from gorb.services.discovery.consul_adapter import ConsulAdapter
 from gorb.services.discovery.reconcile import Step
 from gorb.services.discovery.stores import ConsulStore, StoreConflict
+from tests.pace import limit, wait_until
 
 ADDR = os.environ.get("CONSUL_HTTP_ADDR", "")
 TOKEN = os.environ.get("CONSUL_HTTP_TOKEN", "")
@@ -136,7 +137,7 @@ def test_a_blocking_query_returns_on_a_change_or_after_its_wait(adapter, prefix)
     time.sleep(0.3)
     other = ConsulAdapter(agent_url(), TOKEN)
     other.kv_put(f"{prefix}/services/api", b"{}")
-    t.join(5)
+    t.join(limit(5))
     assert not t.is_alive(), "the blocking query did not return on the change"
     new_index, tree = done["r"]
     assert new_index > index and set(tree) == {f"{prefix}/services/web", f"{prefix}/services/api"}
@@ -171,12 +172,9 @@ def test_store_writes_are_compare_and_set_and_the_watch_sees_them(adapter, prefi
 
     t = threading.Thread(target=watch, daemon=True)
     t.start()
-    deadline = time.monotonic() + 5
-    while not changes and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert changes, "no first read"
+    wait_until(lambda: changes, 5, "the watch's first read")
     adapter.kv_put(f"{prefix}/services/api", b'{"host": "10.0.0.2", "port": 443}')
-    t.join(5)
+    t.join(limit(5))
     assert len(changes) == 2 and not t.is_alive(), "the watch did not see the change"
     objects = store.read()
     assert set(objects.services) == {"api"} and objects.marker

@@ -15,6 +15,7 @@ from gorb.services.discovery.blocking import Backoff
 from gorb.services.discovery.consul_adapter import ConsulAdapter, ConsulRefused, ConsulUnavailable
 from gorb.services.discovery.reconcile import Step
 from gorb.services.discovery.stores import ConsulStore, StoreConflict, StoreUnavailable
+from tests.pace import limit, wait_until
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -53,7 +54,7 @@ def test_kv_tree_get_and_cas(consul):
     t.start()
     time.sleep(0.2)
     ConsulAdapter(consul.url).kv_put("gorb/services/api", b"{}")
-    t.join(3)
+    t.join(limit(3))
     assert set(done["r"][1]) == {"gorb/services/web", "gorb/services/api"}
 
 
@@ -123,10 +124,7 @@ def test_watch_follows_changes_outages_and_an_index_going_backwards(consul):
     t.start()
 
     def wait_change(n):
-        deadline = time.monotonic() + 5
-        while len(changes) < n and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert len(changes) >= n, changes
+        wait_until(lambda: len(changes) >= n, 5, f"change {n} seen", every=0.02)
 
     wait_change(1)                                   # the first read
     a.kv_put("gorb/services/api", b"{}")
@@ -143,11 +141,8 @@ def test_watch_follows_changes_outages_and_an_index_going_backwards(consul):
     def reset_reads():
         after = [r for r in consul.requests if r.path == "/v1/kv/gorb/"][len(before):]
         return [r for r in after if r.query.get("index") is None]
-    deadline = time.monotonic() + 3
-    while not reset_reads() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert reset_reads()                             # ...and the index reset to 0: a plain read
+    wait_until(reset_reads, 3, "a read without an index", every=0.02)  # ...the index reset to 0
     a.kv_put("gorb/services/dns", b"{}")
     wait_change(5)                                   # blocking again from the lower index
-    t.join(2)
+    t.join(limit(2))
     assert not t.is_alive()

@@ -22,6 +22,7 @@ import zmq
 from gorb.common import runtime, store_messages
 from gorb.common.transport import Pusher, RequestClient
 from tests.consul_double import ConsulDouble
+from tests.pace import limit, wait_until
 from tests.service.writer_thread import WriterThread
 
 pytestmark = pytest.mark.timeout(40)
@@ -43,9 +44,9 @@ class Host:
         self.writer_objs = Writer(self.rundir, self.dir / "state.json")
         self.ctx = zmq.Context()
         self.writer = RequestClient(self.ctx, runtime.endpoint(self.rundir, runtime.WRITER),
-                                    "test", timeout=5.0)
+                                    "test", timeout=limit(5.0))
         self.control = RequestClient(self.ctx, store_messages.endpoint(self.rundir), "test-api",
-                                     timeout=10.0)
+                                     timeout=limit(10.0))
         self.config = self.dir / "gorb.toml"
         lines = ["[gorb]", 'log_level = "debug"', "[discovery]"]
         lines += [f"{k} = {json.dumps(v)}" for k, v in {"hostname": name, "check_interval": 0.5,
@@ -76,7 +77,7 @@ class Host:
         if self.proc is not None:
             self.proc.terminate()
             try:
-                assert self.proc.wait(5) == 0, f"discovery exited {self.proc.returncode}"
+                assert self.proc.wait(limit(5)) == 0, f"discovery exited {self.proc.returncode}"
             finally:
                 if self.proc.poll() is None:
                     self.proc.kill()
@@ -84,21 +85,6 @@ class Host:
         self.control.close()
         self.ctx.destroy(linger=0)
         self.writer_objs.stop()
-
-
-def eventually(check, timeout: float = 8.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            got = check()
-        except AssertionError as exc:
-            last = exc
-            got = None
-        if got:
-            return got
-        time.sleep(0.05)
-    raise AssertionError(f"{what} not met within {timeout}s (last: {last})")
 
 
 @pytest.fixture
@@ -157,7 +143,7 @@ def test_registration_follows_services_and_health(consul, hosts):
     def registered():
         s = consul.services
         return "web" in s and "dns" in s and s
-    s = eventually(registered, what="registrations")
+    s = wait_until(registered, 8, "registrations")
     web = s["web"]
     assert (web["ID"], web["Service"], web["Address"], web["Port"]) == ("web", "web",
                                                                         "10.0.0.1", 80)
@@ -171,16 +157,16 @@ def test_registration_follows_services_and_health(consul, hosts):
     def status(sid="service:web"):
         return consul.checks[sid]["Status"]
     mark_health(h, "web", {"a": "down"})
-    eventually(lambda: status() == "warning", what="warning with one backend down")
+    wait_until(lambda: status() == "warning", 8, "warning with one backend down")
     assert "down: a" in consul.checks["service:web"]["Output"]
     mark_health(h, "web", {"b": "down"})
-    eventually(lambda: status() == "critical", what="critical with every backend down")
+    wait_until(lambda: status() == "critical", 8, "critical with every backend down")
     mark_health(h, "web", {"a": "up", "b": "up"})
-    eventually(lambda: status() == "passing", what="passing again")
+    wait_until(lambda: status() == "passing", 8, "passing again")
 
     assert h.writer.request("service.delete", {"service": "dns"}) == OK
-    eventually(lambda: "dns" not in consul.services and "web" in consul.services,
-               what="deregistration")
+    wait_until(lambda: "dns" not in consul.services and "web" in consul.services, 8,
+               "deregistration")
     assert "service:dns" not in consul.checks
 
 
@@ -188,36 +174,38 @@ def test_checks_stay_fresh_and_lost_registrations_come_back(consul, hosts):
     h = hosts(consul=consul.url)
     assert h.writer.request("service.create", svc("web", "10.0.0.1")) == OK
     assert h.writer.request("backend.create", be("web", "a", "10.1.0.1")) == OK
-    eventually(lambda: "web" in consul.services)
+    wait_until(lambda: "web" in consul.services, 8, "the registration")
     time.sleep(2.5)  # more than the 2 s TTL: only refreshes keep it passing
     assert consul.checks["service:web"]["Status"] == "passing"
     consul.forget_agent()
     assert consul.services == {}
-    eventually(lambda: "web" in consul.services and "service:web" in consul.checks,
-               what="re-registration after the agent forgot")
+    wait_until(lambda: "web" in consul.services and "service:web" in consul.checks, 8,
+               "re-registration after the agent forgot")
     assert consul.checks["service:web"]["Status"] == "passing"
 
 
 def test_consul_outage_blocks_nothing_and_is_caught_up(consul, hosts):
     h = hosts(consul=consul.url, kv_prefix="gorb")
     assert h.writer.request("service.create", svc("web", "10.0.0.1")) == OK
-    eventually(lambda: "web" in consul.services and "gorb/services/web" in consul.kv)
+    wait_until(lambda: "web" in consul.services and "gorb/services/web" in consul.kv, 8,
+               "the registration and the KV write-back")
     consul.stop()
     t0 = time.monotonic()
     assert h.writer.request("service.create", svc("api", "10.0.0.2", 443)) == OK
     assert h.writer.request("backend.create", be("api", "a", "10.1.0.5")) == OK
     assert h.writer.request("service.delete", {"service": "web"}) == OK
-    assert time.monotonic() - t0 < 1.0  # the writer never waits for Consul
+    assert time.monotonic() - t0 < limit(1.0)  # the writer never waits for Consul
     status = h.ask("store.status", {})
     assert status["ok"] is False and status["errno"] == "unavailable"
     time.sleep(2.0)
     assert h.proc.poll() is None  # discovery is still running
     consul.start()
     t1 = time.monotonic()
-    eventually(lambda: set(consul.services) == {"api"}, what="registrations caught up")
-    eventually(lambda: set(consul.kv) == {"gorb/format", "gorb/services/api",
-                                          "gorb/backends/api/a"}, what="KV caught up")
-    assert time.monotonic() - t1 < 5.0
+    wait_until(lambda: set(consul.services) == {"api"}, 8, "registrations caught up")
+    wait_until(lambda: set(consul.kv) == {"gorb/format", "gorb/services/api",
+                                          "gorb/backends/api/a"},
+               8, "KV caught up")
+    assert time.monotonic() - t1 < limit(5.0)
     assert h.ask("store.status", {})["data"]["status"] == "ok"
 
 
@@ -239,8 +227,8 @@ def test_kv_documents_become_writer_commands(consul, hosts):
     kv_put(consul, "gorb/services/web", {"host": "10.0.0.1", "port": 80, "protocol": "TCP"})
     kv_put(consul, "gorb/backends/web/a", {"host": "10.1.0.1", "port": 8080, "weight": 7})
     kv_put(consul, "gorb/services/bad", {"port": 80, "protocol": "icmp"})
-    views = eventually(lambda: "web" in h.views() and h.views()["web"]["backends"] and h.views(),
-                       what="the writer has the KV service")
+    views = wait_until(lambda: "web" in h.views() and h.views()["web"]["backends"] and h.views(),
+                       8, "the writer has the KV service")
     assert views["web"]["options"]["protocol"] == "tcp"
     assert views["web"]["backends"]["a"]["options"]["weight"] == 7
     assert "bad" not in views
@@ -250,8 +238,9 @@ def test_kv_documents_become_writer_commands(consul, hosts):
     # a weight change in KV is a backend.update; a scheduler change a service.update
     kv_put(consul, "gorb/backends/web/a", {"host": "10.1.0.1", "port": 8080, "weight": 3})
     kv_put(consul, "gorb/services/web", {"host": "10.0.0.1", "port": 80, "method": "rr"})
-    eventually(lambda: h.writer_objs.kernel.table[key].dests[("10.1.0.1", 8080)].weight == 3
-               and h.writer_objs.kernel.table[key].sched == "rr", what="KV updates applied")
+    wait_until(lambda: h.writer_objs.kernel.table[key].dests[("10.1.0.1", 8080)].weight == 3
+               and h.writer_objs.kernel.table[key].sched == "rr",
+               8, "KV updates applied")
     status = h.ask("store.status", {})["data"]
     assert status["status"] == "ok"
     assert [e["object"] for e in status["errors"]] == ["gorb/services/bad"]
@@ -264,14 +253,14 @@ def test_kv_documents_become_writer_commands(consul, hosts):
     assert len(kv_writes) == 5  # the test's own puts
     assert len(h.writer_objs.kernel.applied) == applied
     kv_delete(consul, "gorb/backends/web/a")
-    eventually(lambda: not h.views()["web"]["backends"], what="KV backend delete applied")
+    wait_until(lambda: not h.views()["web"]["backends"], 8, "KV backend delete applied")
 
 
 def test_rest_changes_are_written_back_with_cas(consul, hosts):
     h = hosts(consul=consul.url, kv_prefix="gorb")
     assert h.writer.request("service.create", svc("web", "10.0.0.1")) == OK
     assert h.writer.request("backend.create", be("web", "a", "10.1.0.1")) == OK
-    eventually(lambda: "gorb/backends/web/a" in consul.kv, what="write-back")
+    wait_until(lambda: "gorb/backends/web/a" in consul.kv, 8, "write-back")
     doc = json.loads(consul.kv["gorb/services/web"])
     assert (doc["host"], doc["port"], doc["protocol"], doc["method"]) == ("10.0.0.1", 80,
                                                                           "tcp", "wrr")
@@ -280,10 +269,10 @@ def test_rest_changes_are_written_back_with_cas(consul, hosts):
     assert puts and all("cas" in r.query for r in puts)
     assert h.writer.request("backend.update", {"service": "web", "backend": "a",
                                                "weight": 0}) == OK
-    eventually(lambda: json.loads(consul.kv["gorb/backends/web/a"])["weight"] == 0,
-               what="PATCH weight written back")
+    wait_until(lambda: json.loads(consul.kv["gorb/backends/web/a"])["weight"] == 0, 8,
+               "PATCH weight written back")
     assert h.writer.request("service.delete", {"service": "web"}) == OK
-    eventually(lambda: set(consul.kv) == {"gorb/format"}, what="delete written back")
+    wait_until(lambda: set(consul.kv) == {"gorb/format"}, 8, "delete written back")
     # the writer keeps nothing extra and the store is quiet
     assert h.ask("store.status", {})["data"]["status"] == "ok"
 
@@ -295,15 +284,15 @@ def test_two_hosts_share_the_configuration(consul, hosts):
     assert a.writer.request("service.create", svc("web", "10.0.0.1")) == OK
     assert a.writer.request("backend.create", be("web", "x", "10.1.0.1")) == OK
     assert a.writer.request("service.create", svc("api", "10.0.0.2")) == OK
-    eventually(lambda: set(b.views()) == {"web", "api"} and b.views()["web"]["backends"],
-               what="lb2 has lb1's services")
+    wait_until(lambda: set(b.views()) == {"web", "api"} and b.views()["web"]["backends"], 8,
+               "lb2 has lb1's services")
     assert b.writer.request("backend.create", be("web", "y", "10.1.0.2")) == OK
-    eventually(lambda: set(a.views()["web"]["backends"]) == {"x", "y"}, what="lb1 has lb2's")
+    wait_until(lambda: set(a.views()["web"]["backends"]) == {"x", "y"}, 8, "lb1 has lb2's")
     assert a.writer.request("service.delete", {"service": "web"}) == OK
-    eventually(lambda: set(b.views()) == {"api"}, what="the delete reached lb2")
+    wait_until(lambda: set(b.views()) == {"api"}, 8, "the delete reached lb2")
     time.sleep(0.5)
     assert set(a.views()) == {"api"} and "gorb/services/web" not in consul.kv
-    eventually(lambda: set(consul.services) == {"api@lb1", "api@lb2"})
+    wait_until(lambda: set(consul.services) == {"api@lb1", "api@lb2"}, 8, "one api per host")
     registers = [r for r in consul.requests if r.path == "/v1/agent/service/register"]
     time.sleep(1.2)  # two full cycles each: nothing re-registered
     assert [r for r in consul.requests if r.path == "/v1/agent/service/register"] == registers
@@ -313,13 +302,13 @@ def test_an_emptied_prefix_does_not_empty_the_writer_unless_forced(consul, hosts
     h = hosts(consul=consul.url, kv_prefix="gorb")
     for i in (1, 2, 3):
         kv_put(consul, f"gorb/services/s{i}", {"host": f"10.0.0.{i}", "port": 80})
-    eventually(lambda: set(h.views()) == {"s1", "s2", "s3"})
+    wait_until(lambda: set(h.views()) == {"s1", "s2", "s3"}, 8, "the KV services applied")
     kv_delete(consul, "gorb/", recurse=True)
 
     def refused():
         data = h.ask("store.status", {})["data"]
         return data["status"] == "refused" and data
-    data = eventually(refused, what="refused status")
+    data = wait_until(refused, 8, "refused status")
     assert "the store is empty" in data["refused"]
     assert sorted(data["services"]["delete"]) == ["s1", "s2", "s3"]
     time.sleep(1.0)
@@ -338,13 +327,14 @@ def test_an_emptied_prefix_does_not_empty_the_writer_unless_forced(consul, hosts
 def test_control_socket(consul, hosts):
     h = hosts(consul=consul.url, kv_prefix="gorb")
     assert h.writer.request("service.create", svc("web", "10.0.0.1")) == OK
-    eventually(lambda: "gorb/services/web" in consul.kv)
+    wait_until(lambda: "gorb/services/web" in consul.kv, 8, "the KV write-back")
     kv_put(consul, "gorb/services/web", {"host": "10.0.0.1", "port": 80, "method": "lc"})
     kv_put(consul, "gorb/services/api", {"host": "10.0.0.2", "port": 443})
     reply = h.ask("store.sync", {})
     assert reply["ok"] is True, reply
     assert reply["data"]["status"] in ("ok",)
-    eventually(lambda: h.views()["web"]["options"]["method"] == "lc" and "api" in h.views())
+    wait_until(lambda: h.views()["web"]["options"]["method"] == "lc" and "api" in h.views(), 8,
+               "the sync applied")
     status = h.ask("store.status", {})
     assert status["ok"] and status["data"] == {
         "status": "ok", "store": f"{consul.url}/v1/kv/gorb/",
@@ -368,6 +358,6 @@ def test_a_url_without_scheme_is_a_config_error(base):
     cfg.write_text('[discovery]\nconsul = "127.0.0.1:8500"\n')
     out = subprocess.run([sys.executable, "-m", "gorb.services.discovery", "--config", str(cfg),
                           "--runtime-dir", str(base / "run")], cwd=ROOT, capture_output=True,
-                         text=True, timeout=20, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                         text=True, timeout=limit(20), env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert out.returncode == 2
     assert "has no scheme: write it as a URL, e.g. http://127.0.0.1:8500" in out.stderr

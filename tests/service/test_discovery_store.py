@@ -10,7 +10,8 @@ import time
 
 import pytest
 
-from tests.service.test_discovery_consul import OK, eventually, hosts, svc  # noqa: F401
+from tests.pace import wait_until
+from tests.service.test_discovery_consul import OK, hosts, svc  # noqa: F401
 
 pytestmark = pytest.mark.timeout(40)
 
@@ -37,8 +38,8 @@ def test_file_store_applies_documents_and_isolates_bad_files(hosts, store_dir): 
     write(store_dir, "README", b"hello")
     h = hosts(store_dir=str(store_dir), store_poll=0.2)
     # the service and its backend are separate requests: wait for both, not the first
-    views = eventually(lambda: (v := h.views()) and "a" in v.get("web", {}).get("backends", {})
-                       and v, what="the file's service and its good backend")
+    views = wait_until(lambda: (v := h.views()) and "a" in v.get("web", {}).get("backends", {})
+                       and v, 8, "the file's service and its good backend")
     assert set(views) == {"web"} and set(views["web"]["backends"]) == {"a"}
     assert (2, 6, "10.0.0.1", 80, 0) in h.writer_objs.kernel.table
     status = h.ask("store.status", {})["data"]
@@ -50,17 +51,17 @@ def test_file_store_applies_documents_and_isolates_bad_files(hosts, store_dir): 
                                   "backends": {"a": {"host": "10.1.0.1", "port": 8080,
                                                      "weight": 0}}})
     write(store_dir, "api.json", {"options": {"host": "10.0.0.2", "port": 443}})
-    eventually(lambda: set(h.views()) == {"web", "api"}
+    wait_until(lambda: set(h.views()) == {"web", "api"}
                and h.views()["web"]["options"]["method"] == "rr"
                and h.views()["web"]["backends"]["a"]["options"]["weight"] == 0,
-               what="file changes applied")
+               8, "file changes applied")
 
 
 def test_file_store_is_authoritative_and_read_only(hosts, store_dir):  # noqa: F811
     for i in (1, 2, 3):
         write(store_dir, f"s{i}.json", {"options": {"host": f"10.0.0.{i}", "port": 80}})
     h = hosts(store_dir=str(store_dir), store_poll=0.2)
-    eventually(lambda: set(h.views()) == {"s1", "s2", "s3"})
+    wait_until(lambda: set(h.views()) == {"s1", "s2", "s3"}, 8, "the files' services")
     # a REST change is not written anywhere; the next sync reverts it
     assert h.writer.request("service.create", svc("extra", "10.0.0.9")) == OK
     status = h.ask("store.status", {})["data"]
@@ -72,10 +73,11 @@ def test_file_store_is_authoritative_and_read_only(hosts, store_dir):  # noqa: F
         {"op": "service.delete", "service": "extra", "backend": None}]
     # deleting one file is applied; emptying the directory is refused unless forced
     (store_dir / "s3.json").unlink()
-    eventually(lambda: set(h.views()) == {"s1", "s2"}, what="one file removed")
+    wait_until(lambda: set(h.views()) == {"s1", "s2"}, 8, "one file removed")
     for name in ("s1.json", "s2.json"):
         (store_dir / name).unlink()
-    eventually(lambda: h.ask("store.status", {})["data"]["status"] == "refused")
+    wait_until(lambda: h.ask("store.status", {})["data"]["status"] == "refused", 8,
+               "the sync refused")
     time.sleep(0.6)
     assert set(h.views()) == {"s1", "s2"}
     assert h.ask("store.sync", {"force": True})["data"]["status"] == "ok"

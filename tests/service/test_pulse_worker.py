@@ -4,8 +4,9 @@ backends that are real TCP listeners on 127.0.0.1 which the tests close and reop
 
 What is checked is what an operator would see in the kernel table: the weight of each dest
 (``FakeKernel.table``) and every op the writer applied (``FakeKernel.applied``), plus the writer's
-``backend.get`` view. Every wait is a bounded poll with a deadline; the only time-based bound
-asserted is GORB's "down within interval + timeout" (plus a small slack).
+``backend.get`` view. Every wait is ``tests.pace.wait_until``, bounded by a limit scaled to the
+machine's pace; the only time-based bound asserted is GORB's "down within interval + timeout"
+(as configured, plus a slack that is such a limit).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import zmq
 from gorb.common import runtime
 from gorb.common.shard import owner
 from gorb.common.transport import RequestClient
+from tests.pace import limit, wait_until
 from tests.service.writer_thread import WriterThread
 
 pytestmark = pytest.mark.timeout(40)
@@ -84,7 +86,7 @@ class Listener:
         if self._sock is None:
             return
         self._stop.set()
-        self._thread.join(2)
+        self._thread.join(limit(2))
         self._sock.close()
         self._sock = None
 
@@ -154,7 +156,7 @@ class Workers:
     def stop(self, index: int, sig: int = signal.SIGTERM) -> int:
         proc = self.procs.pop(index)
         proc.send_signal(sig)
-        return proc.wait(5)
+        return proc.wait(limit(5))
 
     def stop_all(self) -> dict[int, int]:
         return {i: self.stop(i) for i in list(self.procs)}
@@ -183,7 +185,7 @@ class Bus:
         self.writer = Writer(self.rundir, self.state_file)
         self.ctx = zmq.Context()
         self.client = RequestClient(self.ctx, runtime.endpoint(self.rundir, runtime.WRITER),
-                                    "test", timeout=5.0)
+                                    "test", timeout=limit(5.0))
         self.workers = Workers(self.rundir, base)
 
     def restart_writer(self) -> Writer:
@@ -242,19 +244,6 @@ def listeners():
         lis.close()
 
 
-def wait_until(what: str, probe: Callable[[], Any], timeout: float, every: float = 0.02) -> Any:
-    """Poll ``probe`` until it returns something truthy (returned), failing after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    last = None
-    while True:
-        last = probe()
-        if last:
-            return last
-        if time.monotonic() >= deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
-        time.sleep(every)
-
-
 def status_is(bus: Bus, vs: str, rs: str, status: str) -> Callable[[], dict | None]:
     def probe():
         v = bus.view(vs, rs)
@@ -275,7 +264,7 @@ def test_a_closed_listener_is_weight_0_within_interval_plus_timeout_and_climbs_b
     bus.backend("web", "a", lis.port, weight=100)
     bus.workers.start(0, 1)
 
-    up = wait_until("the backend up", status_is(bus, "web", "a", "up"), SETTLE)
+    up = wait_until(status_is(bus, "web", "a", "up"), SETTLE, "the backend up")
     assert bus.writer.weight("10.0.0.1", lis.port) == 100
     assert up["weight"] == 100 and up["kernel"]["weight"] == 100
     assert up["health"]["held_in"] is False
@@ -285,8 +274,8 @@ def test_a_closed_listener_is_weight_0_within_interval_plus_timeout_and_climbs_b
     assert check["passes"] >= 1 and check["failures"] == 0 and check["health"] == 1.0
 
     lis.close()
-    bound = INTERVAL * (1 + JITTER) + TIMEOUT + SLACK
-    wait_until("weight 0", lambda: bus.writer.weight("10.0.0.1", lis.port) == 0, bound)
+    wait_until(lambda: bus.writer.weight("10.0.0.1", lis.port) == 0, SLACK, "weight 0",
+               fixed=INTERVAL * (1 + JITTER) + TIMEOUT)
     down = bus.view("web", "a")
     assert down["weight"] == 0 and down["kernel"]["weight"] == 0
     assert down["health"]["status"] == "down" and down["health"]["level"] == 0.0
@@ -297,8 +286,8 @@ def test_a_closed_listener_is_weight_0_within_interval_plus_timeout_and_climbs_b
 
     mark = len(bus.writer.kernel.applied)
     lis.open()
-    wait_until("full weight again", lambda: bus.writer.weight("10.0.0.1", lis.port) == 100,
-               4 * INTERVAL * (1 + JITTER) + 3.0)
+    wait_until(lambda: bus.writer.weight("10.0.0.1", lis.port) == 100,
+               4 * INTERVAL * (1 + JITTER) + 3.0, "full weight again")
     steps = [op.dest.weight for op in bus.writer.weight_ops(mark)]
     assert steps == [25, 50, 75, 100]
     back = bus.view("web", "a")
@@ -315,12 +304,12 @@ def test_fail_open_holds_the_backend_that_failed_last_and_says_so(bus, listeners
     mark = len(bus.writer.kernel.applied)
     bus.workers.start(0, 1)
     for rs in ("b1", "b2"):
-        wait_until(f"{rs} up", status_is(bus, "fo", rs, "up"), SETTLE)
+        wait_until(status_is(bus, "fo", rs, "up"), SETTLE, f"{rs} up")
 
     l1.close()
-    wait_until("b1 at 0", lambda: bus.writer.weight("10.0.0.2", l1.port) == 0, SETTLE)
+    wait_until(lambda: bus.writer.weight("10.0.0.2", l1.port) == 0, SETTLE, "b1 at 0")
     l2.close()
-    v2 = wait_until("b2 down", status_is(bus, "fo", "b2", "down"), SETTLE)
+    v2 = wait_until(status_is(bus, "fo", "b2", "down"), SETTLE, "b2 down")
     assert v2["weight"] == 100 and v2["health"]["held_in"] is True
     assert v2["kernel"]["weight"] == 100 and bus.writer.weight("10.0.0.2", l2.port) == 100
     v1 = bus.view("fo", "b1")
@@ -338,7 +327,7 @@ def test_a_manual_drain_stays_0_while_the_check_passes(bus, listeners):
     bus.service("dr", "10.0.0.3", pulse=PULSE)
     bus.backend("dr", "a", lis.port)
     bus.workers.start(0, 1)
-    wait_until("up", status_is(bus, "dr", "a", "up"), SETTLE)
+    wait_until(status_is(bus, "dr", "a", "up"), SETTLE, "up")
 
     assert bus.request("backend.update", {"service": "dr", "backend": "a", "weight": 0}) == OK
     assert bus.writer.weight("10.0.0.3", lis.port) == 0
@@ -348,7 +337,7 @@ def test_a_manual_drain_stays_0_while_the_check_passes(bus, listeners):
     def two_more_passes():
         v = bus.view("dr", "a")
         return v if v["check"]["checks"] >= seen + 2 else None
-    v = wait_until("two more checks", two_more_passes, 2 * INTERVAL * (1 + JITTER) + 2.0)
+    v = wait_until(two_more_passes, 2 * INTERVAL * (1 + JITTER) + 2.0, "two more checks")
     assert v["check"]["ok"] is True and v["health"]["status"] == "up"
     assert v["weight"] == 0 and v["kernel"]["weight"] == 0
     assert bus.writer.weight_ops(mark) == []
@@ -372,9 +361,9 @@ def test_the_same_target_under_two_services_is_checked_once(bus, listeners):
             v = bus.view("s1", "a")
             return v if v["check"] is not None and v["check"]["checks"] >= n else None
         return probe
-    first = wait_until("a first check", checked(1), SETTLE)["check"]["checks"]
+    first = wait_until(checked(1), SETTLE, "a first check")["check"]["checks"]
     base = lis.accepted
-    v = wait_until("three more checks", checked(first + 3), 3 * INTERVAL * (1 + JITTER) + 2.0)
+    v = wait_until(checked(first + 3), 3 * INTERVAL * (1 + JITTER) + 2.0, "three more checks")
     checks = v["check"]["checks"] - first
     accepted = lis.accepted - base
     # One connection per check (give or take the one in flight), not one per service.
@@ -446,7 +435,7 @@ def test_two_workers_split_the_targets_and_a_killed_worker_moves_no_weight(bus, 
     assert all(shards), "each worker has targets"
     for i in range(2):
         bus.workers.start(i, 2)
-    wait_until("every backend settled", fleet.settled, SETTLE)
+    wait_until(fleet.settled, SETTLE, "every backend settled")
     for i in range(2):
         assert f"worker {i}/2: {len(shards[i])} target(s)" in bus.workers.log(i)
 
@@ -462,9 +451,8 @@ def test_two_workers_split_the_targets_and_a_killed_worker_moves_no_weight(bus, 
     bus.workers.start(victim, 2)
     statuses: list[str] = []
     mine = [fleet.all_keys[k] for k in shards[victim]]
-    wait_until("the restarted worker's checks",
-               lambda: fleet.checked_since(restarted, mine, 2, statuses),
-               SETTLE + 2 * INTERVAL)
+    wait_until(lambda: fleet.checked_since(restarted, mine, 2, statuses),
+               SETTLE + 2 * INTERVAL, "the restarted worker's checks")
     assert statuses and set(statuses) == {"down"}, statuses  # never "unknown": seeded
     assert bus.writer.weight_ops(mark) == []
     assert bus.writer.weights() == weights
@@ -474,7 +462,7 @@ def test_changing_the_worker_count_moves_no_weight(bus, listeners):
     fleet = Fleet(bus, listeners, counts=(2, 3))
     for i in range(2):
         bus.workers.start(i, 2)
-    wait_until("every backend settled", fleet.settled, SETTLE)
+    wait_until(fleet.settled, SETTLE, "every backend settled")
     weights, mark = bus.writer.weights(), len(bus.writer.kernel.applied)
 
     assert bus.workers.stop_all() == {0: 0, 1: 0}
@@ -485,9 +473,8 @@ def test_changing_the_worker_count_moves_no_weight(bus, listeners):
     for i in range(3):
         bus.workers.start(i, 3)
     statuses: list[str] = []
-    wait_until("every target checked by the new workers",
-               lambda: fleet.checked_since(restarted, fleet.ports, 2, statuses),
-               SETTLE + 2 * INTERVAL)
+    wait_until(lambda: fleet.checked_since(restarted, fleet.ports, 2, statuses),
+               SETTLE + 2 * INTERVAL, "every target checked by the new workers")
     assert set(statuses) == {"down"}, statuses
     assert bus.writer.weight_ops(mark) == []
     assert bus.writer.weights() == weights
@@ -503,8 +490,8 @@ def test_health_survives_a_writer_restart(bus, listeners):
     bus.backend("wr", "up", lis.port)
     bus.backend("wr", "down", dead.port)
     bus.workers.start(0, 1)
-    wait_until("down at 0", lambda: bus.writer.weight("10.0.0.7", dead.port) == 0, SETTLE)
-    wait_until("up", status_is(bus, "wr", "up", "up"), SETTLE)
+    wait_until(lambda: bus.writer.weight("10.0.0.7", dead.port) == 0, SETTLE, "down at 0")
+    wait_until(status_is(bus, "wr", "up", "up"), SETTLE, "up")
 
     w = bus.restart_writer()  # the worker keeps running and reconnects
     # The converge at start, before the loop takes any result: from the state file alone.
@@ -520,7 +507,7 @@ def test_health_survives_a_writer_restart(bus, listeners):
     def both_reported():
         views = [bus.view("wr", rs) for rs in ("up", "down")]
         return all(v["check"] is not None and v["check"]["at"] > restarted for v in views)
-    wait_until("results reach the new writer", both_reported, SETTLE)
+    wait_until(both_reported, SETTLE, "results reach the new writer")
     assert w.weight_ops(mark) == []
     assert w.weight("10.0.0.7", dead.port) == 0 and w.weight("10.0.0.7", lis.port) == 100
 
@@ -535,7 +522,7 @@ def _known_down_target_gets_a_new_member(bus: Bus, listeners) -> DeadPort:
     bus.service("s2", "10.0.0.9", pulse=PULSE)
     bus.backend("s2", "b", dead.port)
     bus.workers.start(0, 1)
-    wait_until("s2/b down", status_is(bus, "s2", "b", "down"), SETTLE)
+    wait_until(status_is(bus, "s2", "b", "down"), SETTLE, "s2/b down")
     assert bus.workers.stop(0) == 0
     bus.backend("s1", "a", dead.port)
     return dead
@@ -548,7 +535,7 @@ def test_a_new_member_of_a_down_target_does_not_reset_the_seed(bus, listeners):
     assert target["status"] == "down"  # s2/b knows, and s1/a was created with its verdict
     mark = len(bus.writer.kernel.applied)
     bus.workers.start(0, 1)
-    wait_until("s1/a down", status_is(bus, "s1", "a", "down"), SETTLE)
+    wait_until(status_is(bus, "s1", "a", "down"), SETTLE, "s1/a down")
     assert bus.writer.weight("10.0.0.9", dead.port) == 0
     assert bus.writer.weight("10.0.0.8", dead.port) == 0
     assert bus.writer.weight_ops(mark) == []  # nothing flapped when the worker came back

@@ -7,7 +7,6 @@ import socket
 import stat
 import tempfile
 import threading
-import time
 
 import pytest
 import zmq
@@ -25,6 +24,7 @@ from gorb.common.transport import (
     TransportError,
     TransportTimeout,
 )
+from tests.pace import limit, wait_until
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -70,7 +70,7 @@ class ServerThread:
 
     def __exit__(self, *exc):
         self.stop.set()
-        self.thread.join(5)
+        self.thread.join(limit(5))
         assert not self.thread.is_alive()
 
 
@@ -87,7 +87,7 @@ def test_request_reply_round_trip(ctx, rundir):
         echo(server, identity, env)
 
     with RouterServer(ctx, ep) as server, ServerThread(server, handler), \
-            RequestClient(ctx, ep, "api", timeout=2.0) as client:
+            RequestClient(ctx, ep, "api", timeout=limit(2.0)) as client:
         assert client.request("service.create", {"id": "web"}) == {"echo": {"id": "web"}}
     assert seen[0].type == "service.create"
     assert seen[0].src == "api"
@@ -98,9 +98,9 @@ def test_reply_type_and_id(ctx, rundir):
     with RouterServer(ctx, ep) as server, ctx.socket(zmq.DEALER) as raw:
         raw.connect(ep)
         raw.send(encode(Envelope.new("service.list", {}, "api", id="r-1")))
-        identity, env = server.recv(timeout=2.0)
+        identity, env = server.recv(timeout=limit(2.0))
         server.reply(identity, env, {"ok": True}, "ipvs-writer")
-        assert raw.poll(2000)
+        assert raw.poll(int(limit(2) * 1000))
         reply = decode(raw.recv())
     assert (reply.type, reply.id, reply.src, reply.body) == (
         "service.list.reply", "r-1", "ipvs-writer", {"ok": True})
@@ -126,11 +126,11 @@ def test_late_reply_is_stale_and_next_request_gets_its_own(ctx, rundir):
 
     def handler(server, identity, env):
         if env.body["n"] == 1:
-            client_gave_up.wait(5)  # answer only after the client timed out
+            client_gave_up.wait(limit(5))  # answer only after the client timed out
         echo(server, identity, env)
 
     with RouterServer(ctx, ep) as server, ServerThread(server, handler), \
-            RequestClient(ctx, ep, "api", timeout=2.0) as client:
+            RequestClient(ctx, ep, "api", timeout=limit(2.0)) as client:
         with pytest.raises(TransportTimeout):
             client.request("service.get", {"n": 1}, timeout=0.1)
         client_gave_up.set()
@@ -141,7 +141,7 @@ def test_late_reply_is_stale_and_next_request_gets_its_own(ctx, rundir):
 def test_pipelining_500_requests(ctx, rundir):
     ep = endpoint(rundir, runtime.WRITER)
     with RouterServer(ctx, ep) as server, ServerThread(server, echo), \
-            RequestClient(ctx, ep, "api", timeout=5.0) as client:
+            RequestClient(ctx, ep, "api", timeout=limit(5.0)) as client:
         sent = {client.send("backend.update", {"i": i}): i for i in range(500)}
         ids = list(sent)
         random.Random(1).shuffle(ids)  # collect in an order unrelated to arrival
@@ -153,7 +153,7 @@ def test_pipelining_500_requests(ctx, rundir):
 def test_garbage_is_counted_and_server_keeps_serving(ctx, rundir):
     ep = endpoint(rundir, runtime.WRITER)
     with RouterServer(ctx, ep) as server, ctx.socket(zmq.DEALER) as bad, \
-            RequestClient(ctx, ep, "api", timeout=2.0) as client:
+            RequestClient(ctx, ep, "api", timeout=limit(2.0)) as client:
         bad.connect(ep)
         bad.send(b"\xc1garbage")
         bad.send(b"\x93\x01\x02\x03")  # msgpack, but a list
@@ -162,26 +162,27 @@ def test_garbage_is_counted_and_server_keeps_serving(ctx, rundir):
             # ROUTER fair-queues across peers, so the client's request may overtake the garbage:
             # wait for the count rather than assume an order.
             assert client.request("service.list", {}) == {"echo": {}}
-            deadline = time.monotonic() + 2
-            while server.bad_messages < 3 and time.monotonic() < deadline:
-                time.sleep(0.01)
+            wait_until(lambda: server.bad_messages >= 3, 2, "the garbage counted", every=0.01)
             assert client.request("service.list", {"again": 1}) == {"echo": {"again": 1}}
         assert server.bad_messages == 3
 
 
 def test_router_recv_many_drains_without_blocking(ctx, rundir):
     ep = endpoint(rundir, runtime.WRITER)
-    with RouterServer(ctx, ep) as server, RequestClient(ctx, ep, "api", timeout=2.0) as client:
+    with RouterServer(ctx, ep) as server, \
+            RequestClient(ctx, ep, "api", timeout=limit(2.0)) as client:
         assert server.recv_many(10) == []
         for i in range(5):
             client.send("service.get", {"i": i})
         got = []
-        deadline = time.monotonic() + 2
-        while len(got) < 5 and time.monotonic() < deadline:
+
+        def drained() -> bool:
             server.socket.poll(100)
             batch = server.recv_many(2)
             assert len(batch) <= 2
-            got += batch
+            got.extend(batch)
+            return len(got) >= 5
+        wait_until(drained, 2, "the five requests", every=0)
         assert [env.body["i"] for _, env in got] == list(range(5))
 
 
@@ -189,13 +190,11 @@ def test_pub_sub_prefix_topics(ctx, rundir):
     ep = endpoint(rundir, runtime.EVENTS)
     with Publisher(ctx, ep, "ipvs-writer") as pub, Subscriber(ctx, ep, ("service.web.",)) as sub:
         # Slow joiner: a subscription takes effect asynchronously, so publish until one arrives.
-        first = None
-        deadline = time.monotonic() + 3
-        while first is None and time.monotonic() < deadline:
+        def published():
             pub.publish("service.api.created", "service.created", {"id": "api"})
             pub.publish("service.web.created", "service.created", {"id": "web"})
-            first = sub.recv(timeout=0.02)
-        assert first is not None
+            return sub.recv(timeout=0.02)
+        first = wait_until(published, 3, "a first event through the subscription", every=0)
         while sub.recv(timeout=0.05) is not None:  # drain the warm-up duplicates
             pass
 
@@ -203,7 +202,7 @@ def test_pub_sub_prefix_topics(ctx, rundir):
         pub.publish("service.web.updated", "service.updated", {"id": "web", "n": 1})
         pub.publish("service.api.deleted", "service.deleted", {"id": "api"})
         pub.publish("service.web.deleted", "service.deleted", {"id": "web"})
-        got = [sub.recv(timeout=2.0) for _ in range(2)]
+        got = [sub.recv(timeout=limit(2.0)) for _ in range(2)]
         assert sub.recv(timeout=0.05) is None
     assert first[0] == "service.web.created"
     assert [(topic, env.type, env.body) for topic, env in got] == [
@@ -215,17 +214,19 @@ def test_pub_sub_prefix_topics(ctx, rundir):
 
 def test_push_pull_recv_many(ctx, rundir):
     ep = endpoint(rundir, runtime.HEALTH)
-    with Puller(ctx, ep) as puller, Pusher(ctx, ep, "pulse-worker", timeout=2.0) as pusher:
+    with Puller(ctx, ep) as puller, Pusher(ctx, ep, "pulse-worker", timeout=limit(2.0)) as pusher:
         assert puller.recv_many(10) == []
         for i in range(10):
             pusher.send("health.results", {"seq": i})
-        got = [puller.recv(timeout=2.0)]
-        deadline = time.monotonic() + 2
-        while len(got) < 10 and time.monotonic() < deadline:
+        got = [puller.recv(timeout=limit(2.0))]
+
+        def drained() -> bool:
             puller.socket.poll(100)
             batch = puller.recv_many(4)
             assert len(batch) <= 4
-            got += batch
+            got.extend(batch)
+            return len(got) >= 10
+        wait_until(drained, 2, "the ten results", every=0)
     assert [env.body["seq"] for env in got] == list(range(10))
     assert {env.src for env in got} == {"pulse-worker"}
 
@@ -242,9 +243,9 @@ def test_puller_counts_garbage(ctx, rundir):
             Pusher(ctx, ep, "pulse-worker") as pusher:
         raw.connect(ep)
         raw.send(b"junk")
-        assert puller.socket.poll(2000)
+        assert puller.socket.poll(int(limit(2) * 1000))
         pusher.send("health.results", {"ok": 1})
-        assert puller.recv(timeout=2.0).body == {"ok": 1}
+        assert puller.recv(timeout=limit(2.0)).body == {"ok": 1}
     assert puller.bad_messages == 1
 
 
@@ -330,7 +331,7 @@ def test_bind_replaces_socket_file_of_dead_process(ctx, rundir):
     dead.close()  # the file stays behind, nobody listens
     ep = endpoint(rundir, runtime.WRITER)
     with RouterServer(ctx, ep) as server, ServerThread(server, echo), \
-            RequestClient(ctx, ep, "api", timeout=2.0) as client:
+            RequestClient(ctx, ep, "api", timeout=limit(2.0)) as client:
         assert client.request("service.list", {}) == {"echo": {}}
 
 

@@ -20,6 +20,7 @@ from gorb.services.ipvs_writer.collector import IDLE_AFTER, Collector, FrameRead
 from gorb.services.ipvs_writer.engine import Engine, Pinned
 from gorb.services.ipvs_writer.loop import WriterLoop
 from gorb.services.ipvs_writer.reader import Snapshots
+from tests.pace import limit, wait_until
 from tests.service.fake_kernel import FakeKernel
 from tests.unit.test_engine import OK, be_create, svc_create
 
@@ -52,13 +53,6 @@ class CountingKernel(FakeKernel):
         return super().service(svc)
 
 
-def wait_until(cond, what: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.005)
-
-
 @pytest.fixture
 def setup():
     kernel = CountingKernel()
@@ -84,7 +78,7 @@ def read_when_ready(engine: Engine, snaps: Snapshots, type_: str, body: dict) ->
         if not isinstance(reply, Pinned):
             return reply
         pinned = reply
-        wait_until(snaps.receive, f"a snapshot for {type_}")
+        wait_until(snaps.receive, 10, f"a snapshot for {type_}", every=0.005)
 
 
 def test_reads_wait_for_a_snapshot_and_never_ask_the_kernel_in_the_loop(setup):
@@ -128,7 +122,8 @@ def test_a_read_after_a_write_has_the_collector_dump_that_service_alone():
     reader = FrameReader(mine)
     mine.setblocking(False)
     frames: list[bytes] = []
-    wait_until(lambda: frames.extend(reader.read()[0]) or frames, "the service's entry")
+    wait_until(lambda: frames.extend(reader.read()[0]) or frames, 10, "the service's entry",
+               every=0.005)
     msg = msgspec.msgpack.decode(frames[0])
     assert (msg["type"], tuple(msg["service"])) == ("service", skey)
     view, dests = msg["entry"]
@@ -152,7 +147,7 @@ def test_counters_of_a_service_dumped_alone_are_refreshed(setup):
     next(iter(kernel.table[key].dests.values())).stats = {"conns": 30}  # traffic came
     wait_until(lambda: read_when_ready(engine, snaps, "backend.get", {
         "service": "web", "backend": "a"})["data"]["kernel"]["stats"] == {"conns": 30},
-        "the counters of a later snapshot")
+        10, "the counters of a later snapshot")
 
 
 def test_metrics_columns_follow_a_new_layout_at_once(setup):
@@ -188,7 +183,7 @@ def loop(setup, tmp_path):
     loop = WriterLoop(engine, ctx, rundir, reconcile_interval=3600, read_deadline=1.0)
     thread = threading.Thread(target=loop.run, daemon=True)
     thread.start()
-    client = RequestClient(ctx, runtime.endpoint(rundir, runtime.WRITER), "test", timeout=10)
+    client = RequestClient(ctx, runtime.endpoint(rundir, runtime.WRITER), "test", timeout=limit(10))
     yield loop, client, collector_kernel, snaps
     loop.running = False
     thread.join(timeout=5)
@@ -242,5 +237,5 @@ def test_a_collector_that_dies_is_started_again(loop, caplog):
     assert not first["ok"]  # its collector died: no snapshot within the deadline
     collector_kernel.die = False
     wait_until(lambda: client.request("backend.get", {"service": "web", "backend": "a"})["ok"],
-               "a new collector's snapshot")
+               10, "a new collector's snapshot")
     assert "the collector exited" in caplog.text

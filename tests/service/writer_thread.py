@@ -13,6 +13,7 @@ from gorb.common.envelope import Envelope, encode
 from gorb.services.ipvs_writer import state
 from gorb.services.ipvs_writer.engine import Engine
 from gorb.services.ipvs_writer.loop import WriterLoop
+from tests.pace import limit
 from tests.service.fake_kernel import FakeKernel
 
 
@@ -57,7 +58,7 @@ class WriterThread:
             waker.setsockopt(zmq.LINGER, 0)
             waker.connect(self.endpoint)
             waker.send(encode(Envelope.new("service.list", {}, "test-stop")))
-            self.thread.join(5)
+            self.thread.join(limit(5))
         assert not self.thread.is_alive(), "the writer loop did not stop"
         self.loop.close()
         self.ctx.destroy(linger=0)
