@@ -509,11 +509,11 @@ def test_a_late_reply_is_not_given_to_the_next_request(h, monkeypatch):
     real_read = h.writer.engine.read
     slow = {"on": True}
 
-    def read(type_, body):
+    def read(type_, body, pinned=None):
         if slow["on"] and type_ == "service.get":
             slow["on"] = False
             time.sleep(h.client.timeout + 0.3)  # past the client's timeout
-        return real_read(type_, body)
+        return real_read(type_, body, pinned)
 
     h.writer.engine.read = read
     err(h.call("GET", "/service/web"), 503)
