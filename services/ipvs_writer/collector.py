@@ -18,9 +18,7 @@ decoding the bulk of it:
 Frames, either way: a 4-byte big-endian length, then a msgpack map with ``v`` (``SCHEMA``) and
 ``type``::
 
-    writer -> collector  {"v": 1, "type": "wake", "after": T}     a read wants a snapshot taken
-                                                                  after T: dump now if the last
-                                                                  one started before
+    writer -> collector  {"v": 1, "type": "wake"}                 reads go on: keep dumping
                          {"v": 1, "type": "wake", "after": T, "service": skey}
                                                                   one service's entry, taken
                                                                   after T (a read after a write)
@@ -238,7 +236,6 @@ class Collector:
         self._layout: tuple[int, Layout] | None = None
         self._last: tuple[float, Mapping[SKey, KService]] | None = None
         self._woken = float("-inf")
-        self._after = float("-inf")  # the newest ``after`` a wake asked for
         self._started = float("-inf")  # when the last dump started
         self._services: dict[SKey, float] = {}  # one service's entry asked for, taken after
 
@@ -270,15 +267,12 @@ class Collector:
 
     def _wait(self, due: float) -> float | None:
         """Seconds until the next dump is due; None: none is (no wake for IDLE_AFTER
-        intervals). A wake asking for a snapshot newer than the last one's start makes it due
-        now."""
+        intervals). A service asked for alone is due now."""
         now = self.clock()
         if self._services:
             return 0
         if now - self._woken > IDLE_AFTER * self.interval:
             return None
-        if self._after > self._started:
-            return 0
         return max(0.0, due - now)
 
     def _handle(self, frames: Iterable[bytes]) -> bool:
@@ -293,7 +287,6 @@ class Collector:
                                            msg["after"])
             elif msg.get("type") == "wake":
                 self._woken = self.clock()
-                self._after = max(self._after, msg.get("after", float("-inf")))
             elif msg.get("type") == "layout":
                 self._layout = (msg["generation"],
                                 [(tuple(skey), [tuple(d) for d in dkeys])
@@ -308,11 +301,7 @@ class Collector:
             kernel = kernel or self._factory()
             table = kernel.dump()
         except Exception as exc:  # a stalled or failing kernel: say so, retry next interval
-            log.error("statistics: the kernel dump failed (%s); retrying", exc)
-            self._send({"v": SCHEMA, "type": "failed", "error": str(exc)})
-            if kernel is not None:
-                kernel.close()
-            return None
+            return self._failed(kernel, "the kernel dump", exc)
         self._last = (started, table)
         self._send(snapshot_frame(table, started, self._layout))
         return kernel
@@ -329,13 +318,16 @@ class Collector:
                 kernel = kernel or self._factory()
                 found = kernel.service(KService(*skey))
             except Exception as exc:
-                log.error("statistics: the kernel dump of one service failed (%s)", exc)
-                self._send({"v": SCHEMA, "type": "failed", "error": str(exc)})
-                if kernel is not None:
-                    kernel.close()
-                return None
+                return self._failed(kernel, "the kernel dump of one service", exc)
             self._send(service_frame(skey, found, started))
         return kernel
+
+    def _failed(self, kernel: Any, what: str, exc: Exception) -> None:
+        """Log and report a failed dump; the kernel adapter is dropped (a new one next time)."""
+        log.error("statistics: %s failed (%s); retrying", what, exc)
+        self._send({"v": SCHEMA, "type": "failed", "error": str(exc)})
+        if kernel is not None:
+            kernel.close()
 
     def _send(self, msg: dict | bytes) -> None:
         self.sock.setblocking(True)

@@ -51,7 +51,6 @@ RESPAWN_AFTER = 1.0
 
 
 class Handle(Protocol):
-    def alive(self) -> bool: ...
     def close(self) -> None: ...
 
 
@@ -64,9 +63,6 @@ class _Thread:
             target=Collector(sock, kernel_factory, interval).run, name="ipvs-collector",
             daemon=True)
         self._thread.start()
-
-    def alive(self) -> bool:
-        return self._thread.is_alive()
 
     def close(self) -> None:
         self._thread.join(timeout=5)
@@ -81,9 +77,6 @@ class _Process:
              str(kernel_timeout), "--log-level", log_level],
             pass_fds=[sock.fileno()], stdin=subprocess.DEVNULL)
         sock.close()  # the child's now
-
-    def alive(self) -> bool:
-        return self._proc.poll() is None
 
     def close(self) -> None:
         try:
@@ -119,7 +112,7 @@ class Snapshots:
         self._reader: FrameReader | None = None
         self._handle: Handle | None = None
         self._woken = float("-inf")
-        self._asked = float("-inf")
+        self._asked_for: dict[Any, float] = {}  # single services asked for, taken after
         self._layout_sent: int | None = None
         self._dead_since: float | None = None
 
@@ -128,8 +121,7 @@ class Snapshots:
         mine.setblocking(False)
         self._sock, self._reader = mine, FrameReader(mine)
         self._handle = self._spawn(theirs, self.interval)
-        self._woken = self._asked = float("-inf")
-        self._asked_for: dict[Any, float] = {}  # single services asked for, taken after
+        self._woken, self._asked_for = float("-inf"), {}
         self._layout_sent, self._dead_since = None, None
 
     def close(self) -> None:
@@ -176,15 +168,15 @@ class Snapshots:
             self._handle.close()
             self.start()
 
-    def usable(self, since: float = float("-inf")) -> Snapshot | None:
-        """The last snapshot if it was taken after ``since`` and at most ``STALE_AFTER``
-        intervals ago; else None (and the collector is woken). A read counts as activity: it
-        keeps the collector dumping."""
+    def usable(self) -> Snapshot | None:
+        """The last snapshot if it was taken at most ``STALE_AFTER`` intervals ago; else None
+        (and the collector is woken). A read counts as activity: it keeps the collector
+        dumping."""
         snap, now = self.latest, self.clock()
-        if snap is None or snap.taken < since or now - snap.taken > STALE_AFTER * self.interval:
-            self._wake(now, since)
+        if snap is None or now - snap.taken > STALE_AFTER * self.interval:
+            self._wake(now)
             return None
-        self._wake(now, float("-inf"), every=self.interval * 5)  # keep it dumping
+        self._wake(now, every=self.interval * 5)  # keep it dumping
         return snap
 
     def entry(self, key: Any, since: float) -> tuple[bool, Live | None]:
@@ -197,16 +189,16 @@ class Snapshots:
         bound = max(since, now - STALE_AFTER * self.interval)
         snap, one = self.latest, self.entries.get(key)
         if snap is not None and snap.taken >= bound and (one is None or one[0] <= snap.taken):
-            self._wake(now, float("-inf"), every=self.interval * 5)  # keep it dumping
+            self._wake(now, every=self.interval * 5)  # keep it dumping
             return True, snap.services.get(key)
         if one is not None and one[0] >= bound:
-            self._wake(now, float("-inf"), every=self.interval * 5)
+            self._wake(now, every=self.interval * 5)
             return True, one[1]
         newest = max(snap.taken if snap else float("-inf"), one[0] if one else float("-inf"))
         if since > newest and self._asked_for.get(key, float("-inf")) < since:
             self._send({"v": SCHEMA, "type": "wake", "after": since, "service": list(key)})
             self._asked_for[key] = since
-        self._wake(now, float("-inf"))
+        self._wake(now)
         return False, None
 
     def describe(self, generation: int, layout: Layout) -> None:
@@ -217,13 +209,11 @@ class Snapshots:
                                      for skey, dkeys in layout]})
             self._layout_sent = generation
 
-    def _wake(self, now: float, after: float, every: float | None = None) -> None:
-        """Wake the collector for a snapshot taken after ``after`` (at most once per
-        ``every`` seconds unless ``after`` is newer than the last asked for)."""
-        every = self.interval / 4 if every is None else every
-        if now - self._woken > every or after > self._asked:
-            self._send({"v": SCHEMA, "type": "wake", "after": after})
-            self._woken, self._asked = now, max(self._asked, after)
+    def _wake(self, now: float, every: float | None = None) -> None:
+        """Keep the collector dumping (a wake at most once per ``every`` seconds)."""
+        if now - self._woken > (self.interval / 4 if every is None else every):
+            self._send({"v": SCHEMA, "type": "wake"})
+            self._woken = now
 
     def _send(self, msg: dict) -> None:
         if self._sock is None or self._dead_since is not None:

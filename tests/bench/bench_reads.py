@@ -270,7 +270,7 @@ class _Fixed:
     def __init__(self, table):
         self.table, self.layout, self.snap = table, None, None
 
-    def usable(self, since: float = float("-inf")):
+    def usable(self):
         return self.snap
 
     def describe(self, generation, layout) -> None:
